@@ -91,7 +91,7 @@ def configure(g, argv=None):
     file_values = {}
     exec(open(config_file).read(), {}, file_values)
     file_values = knobs(file_values)
-    unknown = sorted(set(file_values) - declared_by_any_stage())
+    unknown = sorted(set(file_values) - set(defaults) - declared_by_any_stage())
     if unknown:
         raise ValueError(f"{config_file}: unknown config key(s) {unknown}: no stage script declares them")
     for key, value in file_values.items():

@@ -1,0 +1,285 @@
+"""
+Toy-scale stand-ins for the three pretrained models configs/8b.py loads from disk, trained on the toy world and saved
+with save_pretrained in the real formats, so every later stage loads them exactly as it loads the real ones:
+
+    siglip_path  a SiglipModel (64x64 input, patch 4 -> a 16x16 grid, as 384/14 -> 27x27 at full scale), sigmoid loss
+    llm_path     a LlamaForCausalLM + a byte-level BPE tokenizer with a ChatML chat template, pretrained on corpus.txt
+    vae_path     a diffusers AutoencoderKL (downsampling x4 -> 16x16x4 latents)
+
+    python pretrain_tiny.py            # each part is skipped (but still measured) when its folder already exists
+"""
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import toyworld
+
+# ---------------------------------------------------------------------------------------------------------------------
+data_dir = "data/toy"
+siglip_path = "out/tiny/base/siglip"
+llm_path = "out/tiny/base/llm"
+vae_path = "out/tiny/base/vae"
+seed = 1337
+# SigLIP stand-in
+siglip_width = 96
+siglip_layers = 3
+siglip_text_len = 48
+siglip_steps = 600
+siglip_batch = 64
+siglip_lr = 1e-3
+# LLM stand-in
+vocab_size = 1024
+llm_width = 192
+llm_layers = 4
+llm_heads = 6
+llm_block = 128
+llm_steps = 400
+llm_batch = 32
+llm_lr = 2e-3
+# VAE stand-in
+vae_channels = [16, 32, 32]
+vae_steps = 1000
+vae_batch = 16
+vae_lr = 1e-3
+vae_kl_weight = 1e-6
+# ---------------------------------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def save_atomically(save, path):
+    """save(tmp) writes a folder; it replaces path only once complete, so a crash never leaves half a model."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def train(params, loss_fn, steps, lr, desc):
+    """AdamW, linear warm-up over 5% of the steps, cosine decay to 10%; loss_fn(step) -> scalar loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
+        1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        loss = loss_fn(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def read_conversations(split, task):
+    with open(os.path.join(data_dir, split, f"{task}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---- LLM: tokenizer + LlamaForCausalLM ------------------------------------------------------------------------------
+def train_tokenizer(corpus_path, size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([corpus_path], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def corpus_blocks(tokenizer, lines, block):
+    """Lines, each after a document separator, concatenated and cut into (n, block) token blocks."""
+    ids = [i for line in lines for i in [tokenizer.bos_token_id] + tokenizer(line)["input_ids"]]
+    return torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+
+
+@torch.no_grad()
+def fact_recall(model, tokenizer):
+    """Fraction of toyworld.facts() the model completes greedily and exactly ("a lime is" -> "green")."""
+    model.eval()
+    right = 0
+    for prompt, answer in toyworld.facts():
+        ids = [tokenizer.bos_token_id] + tokenizer(prompt)["input_ids"]
+        want = tokenizer(" " + answer + ".")["input_ids"]
+        for _ in range(len(want)):
+            ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
+        right += tokenizer.decode(ids[-len(want):]).strip() == answer + "."
+    return right / len(toyworld.facts())
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, lines):
+    model.eval()
+    blocks = corpus_blocks(tokenizer, lines, llm_block)
+    losses = [model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks]
+    return math.exp(sum(losses) / len(losses))
+
+
+def pretrain_llm():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    corpus = os.path.join(data_dir, "corpus.txt")
+    if not os.path.exists(llm_path):
+        tokenizer = train_tokenizer(corpus, vocab_size)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=llm_width, intermediate_size=llm_width * 8 // 3,
+                             num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=llm_heads,
+                             max_position_embeddings=2048, tie_word_embeddings=True,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        model = LlamaForCausalLM(config)
+        blocks = corpus_blocks(tokenizer, open(corpus).read().splitlines(), llm_block)
+        print(f"LLM stand-in: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"vocab {len(tokenizer)}, corpus {blocks.numel() / 1e3:.0f}k tokens")
+
+        def loss_fn(step):
+            model.train()
+            batch = blocks[torch.randint(len(blocks), (llm_batch,))]
+            return model(input_ids=batch, labels=batch).loss
+
+        train(list(model.parameters()), loss_fn, llm_steps, llm_lr, "LLM stand-in")
+        save_atomically(lambda p: (model.save_pretrained(p), tokenizer.save_pretrained(p)), llm_path)
+    model, tokenizer = LlamaForCausalLM.from_pretrained(llm_path), AutoTokenizer.from_pretrained(llm_path)
+    val_text = [c["conversations"][1]["value"] for c in read_conversations("val", "caption")]
+    return {"llm_val_perplexity": perplexity(model, tokenizer, val_text),
+            "llm_fact_recall": fact_recall(model, tokenizer)}
+
+
+# ---- SigLIP: sigmoid loss on caption pairs --------------------------------------------------------------------------
+def caption_pairs(rng, n):
+    scenes = [toyworld.random_scene(rng) for _ in range(n)]
+    return [toyworld.render(s) for s in scenes], [toyworld.caption(rng, s) for s in scenes]
+
+
+def embed(model, tokenizer, processor, images, texts):
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    ids = tokenizer(texts, padding="max_length", truncation=True, max_length=siglip_text_len,
+                    return_tensors="pt")["input_ids"]
+    return model(input_ids=ids, pixel_values=pixels, return_loss=True)
+
+
+@torch.no_grad()
+def retrieval_accuracy(model, tokenizer, processor, candidates=32):
+    """Val caption -> image top-1 among groups of `candidates` images with distinct captions."""
+    model.eval()
+    val = read_conversations("val", "caption")
+    seen, images, texts = set(), [], []
+    for c in val:
+        text = c["conversations"][1]["value"]
+        if text not in seen:
+            seen.add(text)
+            images.append(Image.open(os.path.join(data_dir, c["images"][0])).convert("RGB"))
+            texts.append(text)
+    right = total = 0
+    for i in range(0, len(texts) - candidates + 1, candidates):
+        logits = embed(model, tokenizer, processor, images[i:i + candidates], texts[i:i + candidates]).logits_per_text
+        right += (logits.argmax(-1) == torch.arange(candidates)).sum().item()
+        total += candidates
+    return right / total
+
+
+def pretrain_siglip():
+    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    if not os.path.exists(siglip_path):
+        tokenizer = AutoTokenizer.from_pretrained(llm_path)  # the toy world's words; any tokenizer would do
+        processor = SiglipImageProcessorPil(size={"height": toyworld.SIZE, "width": toyworld.SIZE})
+        tower = dict(hidden_size=siglip_width, intermediate_size=4 * siglip_width, num_attention_heads=4)
+        config = SiglipConfig(
+            text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=siglip_text_len,
+                             num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **tower),
+            vision_config=dict(image_size=toyworld.SIZE, patch_size=4, num_hidden_layers=siglip_layers, **tower))
+        model = SiglipModel(config)
+        rng = random.Random(f"{seed}-siglip")
+
+        def loss_fn(step):
+            model.train()
+            return embed(model, tokenizer, processor, *caption_pairs(rng, siglip_batch)).loss
+
+        train(list(model.parameters()), loss_fn, siglip_steps, siglip_lr, "SigLIP stand-in")
+        tokenizer.model_max_length = siglip_text_len
+        save_atomically(lambda p: (model.save_pretrained(p), tokenizer.save_pretrained(p),
+                                   processor.save_pretrained(p)), siglip_path)
+    model = SiglipModel.from_pretrained(siglip_path)
+    tokenizer, processor = AutoTokenizer.from_pretrained(siglip_path), SiglipImageProcessorPil.from_pretrained(siglip_path)
+    return {"siglip_retrieval_top1_of_32": retrieval_accuracy(model, tokenizer, processor)}
+
+
+# ---- VAE: AutoencoderKL on toy images --------------------------------------------------------------------------------
+def load_pixels(split, limit):
+    """Up to `limit` images of every kind the toy world draws (scenes, video frames, zoomed crops), in [-1, 1]."""
+    paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(data_dir, "images", split)) for f in fs)
+    paths = random.Random(seed).sample(paths, min(limit, len(paths)))
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def psnr(vae, pixels):
+    vae.eval()
+    out = torch.cat([vae(pixels[i:i + 64], sample_posterior=False).sample for i in range(0, len(pixels), 64)])
+    mse = ((out.clamp(-1, 1) - pixels) / 2).square().mean(dim=(1, 2, 3))
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+def pretrain_vae():
+    from diffusers import AutoencoderKL
+
+    val = load_pixels("val", 512)
+    if not os.path.exists(vae_path):
+        n = len(vae_channels)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                            up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=toyworld.SIZE,
+                            mid_block_add_attention=False)
+        pixels = load_pixels("train", 8000)
+
+        def loss_fn(step):
+            vae.train()
+            x = pixels[torch.randint(len(pixels), (vae_batch,))]
+            posterior = vae.encode(x).latent_dist
+            return F.mse_loss(vae.decode(posterior.sample()).sample, x) + vae_kl_weight * posterior.kl().mean()
+
+        train(list(vae.parameters()), loss_fn, vae_steps, vae_lr, "VAE stand-in")
+        with torch.no_grad():  # latents scaled to unit variance, as SD's 0.18215 does for its VAE
+            std = vae.encode(pixels[:512]).latent_dist.mean.std().item()
+        vae.register_to_config(scaling_factor=1.0 / std)
+        save_atomically(vae.save_pretrained, vae_path)
+    return {"vae_val_psnr_db": psnr(AutoencoderKL.from_pretrained(vae_path), val)}
+
+
+def main():
+    torch.manual_seed(seed)
+    results = {}
+    for name, part in [("LLM", pretrain_llm), ("SigLIP", pretrain_siglip), ("VAE", pretrain_vae)]:
+        t0 = time.time()
+        results.update(part())
+        print(f"{name} stand-in ready in {time.time() - t0:.0f}s")
+    print(json.dumps(results, indent=1))
+    os.makedirs(os.path.dirname(llm_path) or ".", exist_ok=True)
+    with open(os.path.join(os.path.dirname(llm_path) or ".", "pretrain_report.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    configure(globals())
+    main()

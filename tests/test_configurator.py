@@ -1,0 +1,63 @@
+import pytest
+
+from configurator import configure, split_args
+
+
+def knobs():
+    return {"lr": 1e-3, "steps": 10, "name": "run", "flag": False, "mix": {"a": 1}, "prompt": ""}
+
+
+def write_config(tmp_path, text):
+    path = tmp_path / "cfg.py"
+    path.write_text(text)
+    return str(path)
+
+
+def test_file_then_overrides_in_both_spellings(tmp_path):
+    g = knobs()
+    cfg = write_config(tmp_path, "steps = 20\nlr = 5\n")
+    configure(g, [cfg, "--name=big", "--steps", "30", "--mix={'b': 2}", "--flag"])
+    assert g["steps"] == 30 and g["name"] == "big" and g["mix"] == {"b": 2} and g["flag"] is True
+    assert g["lr"] == 5.0 and isinstance(g["lr"], float)  # int accepted for a float knob
+
+
+def test_prompt_with_spaces_stays_a_string(tmp_path):
+    g = knobs()
+    configure(g, [write_config(tmp_path, ""), "--prompt", "Generate an image of a red circle"])
+    assert g["prompt"] == "Generate an image of a red circle"
+    configure(g, [write_config(tmp_path, ""), "--prompt=True"])
+    assert g["prompt"] == "True"
+
+
+def test_unknown_override_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match="'stpes'"):
+        configure(knobs(), [write_config(tmp_path, ""), "--stpes=3"])
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match="'steps'.*expected int"):
+        configure(knobs(), [write_config(tmp_path, ""), "--steps=fast"])
+    with pytest.raises(ValueError, match="'name'"):
+        configure(knobs(), [write_config(tmp_path, "name = 3\n")])
+
+
+def test_config_file_key_no_stage_declares_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no_such_knob"):
+        configure(knobs(), [write_config(tmp_path, "no_such_knob = 1\n")])
+
+
+def test_config_file_keys_of_other_stages_are_accepted(tmp_path):
+    g = knobs()
+    configure(g, [write_config(tmp_path, "seed = 7\nsteps = 3\n")])  # seed belongs to toyworld.py, not to these knobs
+    assert g["steps"] == 3 and "seed" not in knobs().keys() - g.keys()
+
+
+def test_default_config_is_tiny():
+    g = {"data_dir": "elsewhere"}
+    configure(g, [])
+    assert g["config_file"].endswith("configs/tiny.py") and g["data_dir"] == "data/toy"
+
+
+def test_split_args_rejects_stray_words():
+    with pytest.raises(ValueError, match="unexpected argument"):
+        split_args(["configs/tiny.py", "oops"])

@@ -1,0 +1,154 @@
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+import toyworld
+from toyworld import COLOURS, HALF, HELDOUT_COMBOS, POSITIONS, SHAPES, read_scene, render
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ("--toy_train={'caption': 6, 'image_qa': 40, 'video_qa': 8, 'generation': 40, 'image_edit': 30, "
+         "'video_prediction': 16, 'visual_thinking': 10}")
+SMALL_VAL = "--toy_val={'caption': 4, 'image_qa': 14, 'video_qa': 4, 'generation': 4, 'image_edit': 4, " \
+            "'video_prediction': 8, 'visual_thinking': 4}"
+
+
+def make_world(path, seed=5):
+    subprocess.run([sys.executable, "toyworld.py", f"--data_dir={path}", f"--seed={seed}", SMALL, SMALL_VAL,
+                    "--toy_heldout_val=12", "--toy_corpus_captions=50"], cwd=ROOT, check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(str(tmp_path_factory.mktemp("world")))
+
+
+def digest(root):
+    h = hashlib.sha256()
+    for dirpath, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            h.update(name.encode())
+            h.update(open(os.path.join(dirpath, name), "rb").read())
+    return h.hexdigest()
+
+
+def samples(root, split, name):
+    with open(os.path.join(root, split, f"{name}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(world, tmp_path):
+    assert digest(make_world(str(tmp_path / "again"))) == digest(world)
+    assert digest(make_world(str(tmp_path / "other"), seed=6)) != digest(world)
+
+
+def test_every_task_in_both_splits_with_matching_placeholders(world):
+    for split in ("train", "val"):
+        for task in toyworld.TASKS:
+            rows = samples(world, split, task)
+            assert rows, (split, task)
+            for s in rows:
+                assert s["task"] == task
+                turns = s["conversations"]
+                assert [t["from"] for t in turns] == ["human", "gpt"]
+                assert sum(t["value"].count("<image>") for t in turns) == len(s["images"])
+                assert len(s["meta"]["scenes"]) == len(s["images"])
+                assert all(os.path.exists(os.path.join(world, p)) for p in s["images"])
+
+
+def test_task_formats(world):
+    qa = samples(world, "train", "image_qa")
+    assert {s["meta"]["qtype"] for s in qa} == set(toyworld.QA_TYPES)
+    for s in qa:
+        answer = s["conversations"][1]["value"]
+        assert "<image>" not in answer and s["conversations"][0]["value"].startswith("<image>\n")
+        if s["meta"]["qtype"] == "multiple_choice":
+            assert answer in "ABCD" and "\nA. " in s["conversations"][0]["value"]
+    for s in samples(world, "train", "generation"):
+        assert s["conversations"][1]["value"].endswith("<image>") and "<image>" not in s["conversations"][0]["value"]
+    for s in samples(world, "train", "video_qa"):
+        assert 4 <= len(s["images"]) <= 8 and s["meta"]["qtype"] in ("direction", "order")
+    kinds = {s["meta"]["qtype"] for s in samples(world, "train", "video_prediction")}
+    assert kinds == {"forward", "partial", "reverse", "reorder"}
+    for s in samples(world, "train", "visual_thinking"):
+        human, gpt = (t["value"] for t in s["conversations"])
+        assert "Think visually" in human and gpt.startswith("<image>\n") and len(gpt) > len("<image>\n")
+    for s in samples(world, "train", "image_edit"):
+        assert s["conversations"][1]["value"] == "<image>" and len(s["images"]) == 2
+
+
+def test_answers_are_true_of_the_pictures(world):
+    """The scene reader, reading the rendered image, agrees with each colour/shape/count/position/size answer."""
+    for s in samples(world, "train", "image_qa"):
+        qtype, answer = s["meta"]["qtype"], s["conversations"][1]["value"]
+        read = read_scene(toyworld.Image.open(os.path.join(world, s["images"][0])))
+        if qtype == "colour":
+            assert answer in {o["colour"] for o in read}
+        elif qtype == "position":
+            assert answer in {o["position"] for o in read}
+        elif qtype == "count" and "How many shapes" in s["conversations"][0]["value"]:
+            assert toyworld.NUMBERS.index(answer) == len(read)
+
+
+def test_phrasings_vary(world):
+    prompts = {s["conversations"][0]["value"].split(" ")[0] for s in samples(world, "train", "generation")}
+    responses = {s["conversations"][1]["value"] for s in samples(world, "train", "generation")}
+    assert len(prompts) >= 3 and len(responses) >= 3
+
+
+def test_heldout_compositions_never_in_train_visual_outputs(world):
+    output_tasks = ["generation", "image_edit", "video_prediction", "visual_thinking"]
+    for task in output_tasks:
+        for s in samples(world, "train", task):
+            n_in = s["conversations"][0]["value"].count("<image>")
+            for scene in s["meta"]["scenes"][n_in:]:  # the images the model must produce
+                assert not any((o.get("colour"), o.get("shape")) in HELDOUT_COMBOS for o in scene), s["id"]
+    heldout = samples(world, "val", "generation_heldout")
+    assert heldout and all(any((o["colour"], o["shape"]) in HELDOUT_COMBOS for o in s["meta"]["scenes"][0])
+                           for s in heldout)
+    # ... while understanding data does show them
+    understood = [o for s in samples(world, "train", "image_qa") for o in s["meta"]["scenes"][0]]
+    assert any((o["colour"], o["shape"]) in HELDOUT_COMBOS for o in understood)
+
+
+def test_riddles_need_corpus_facts_absent_from_image_data(world):
+    riddles = samples(world, "val", "generation_riddle")
+    train_text = " ".join(t["value"] for task in toyworld.TASKS for s in samples(world, "train", task)
+                          for t in s["conversations"])
+    corpus = open(os.path.join(world, "corpus.txt")).read()
+    for s in riddles:
+        prompt = s["conversations"][0]["value"]
+        thing = prompt.split("in the colour of ")[1].split(",")[0].split(" ", 1)[1]
+        colour = s["meta"]["scenes"][0][0]["colour"]
+        assert toyworld.COLOUR_OF[thing] == colour and f"{thing} is {colour}" in corpus
+        assert thing not in train_text and prompt not in train_text
+    for fact, answer in toyworld.facts():
+        assert f"{fact} {answer}." in corpus
+
+
+def test_scene_reader_reads_every_attribute():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = toyworld.random_scene(rng)
+        read = read_scene(render(scene))
+        assert len(read) == len(scene)
+        for o in scene:
+            assert any(r["shape"] == o["shape"] and r["colour"] == o["colour"] and r["size"] == o["size"] and
+                       r["position"] == toyworld.position_name(o["x"], o["y"]) for r in read)
+
+
+def test_scene_reader_on_hand_made_scene_and_blank():
+    scene = [{"shape": "triangle", "colour": "orange", "size": "small", "x": 53, "y": 53},
+             {"shape": "square", "colour": "blue", "size": "large", "x": 11, "y": 11}]
+    read = read_scene(render(scene))
+    assert [(r["shape"], r["colour"], r["size"], r["position"]) for r in read] == [
+        ("square", "blue", "large", "top left"), ("triangle", "orange", "small", "bottom right")]
+    assert read_scene(render([])) == []
+    assert len(COLOURS) >= 6 and set(SHAPES) >= {"circle", "square", "triangle"} and len(HALF) == 2
+    assert len(POSITIONS) == 9
