@@ -207,6 +207,9 @@ def pretrain_siglip():
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **tower),
             vision_config=dict(image_size=toyworld.SIZE, patch_size=4, num_hidden_layers=siglip_layers, **tower))
         model = SiglipModel(config)
+        with torch.no_grad():  # SigLIP paper's init: t' = log 10, b = -10 (HF initialises both to 0)
+            model.logit_scale.fill_(math.log(10))
+            model.logit_bias.fill_(-10)
         rng = random.Random(f"{seed}-siglip")
 
         def loss_fn(step):

@@ -24,7 +24,8 @@ toy_train = {"caption": 4000, "image_qa": 8000, "video_qa": 1500, "generation": 
 toy_val = {"caption": 200, "image_qa": 400, "video_qa": 200, "generation": 200, "image_edit": 200,
            "video_prediction": 200, "visual_thinking": 200}
 toy_heldout_val = 200  # samples in each held-out file: generation_heldout.jsonl, generation_riddle.jsonl
-toy_corpus_captions = 20000  # caption sentences in corpus.txt (the facts and arithmetic are added in full)
+toy_corpus_captions = 8000  # caption sentences in corpus.txt
+toy_fact_repeats = 50  # copies of each fact and sum in corpus.txt, so the stand-in LLM knows them by heart
 # ---------------------------------------------------------------------------------------------------------------------
 
 SIZE = 64
@@ -409,7 +410,7 @@ def facts():
     return pairs
 
 
-def write_corpus(path, rng, n_captions, repeats=20):
+def write_corpus(path, rng, n_captions, repeats):
     lines = [caption(rng, random_scene(rng)) for _ in range(n_captions)]
     lines += [f"{p} {a}." for p, a in facts() for _ in range(repeats)]
     rng.shuffle(lines)
@@ -429,7 +430,8 @@ def main():
     for split, name, count in tqdm(jobs, desc="toy world"):
         rng = random.Random(f"{seed}-{split}-{name}")  # one stream per file: changing one count changes one file
         write_task(data_dir, split, name, {**TASKS, **HELDOUT}[name], count, rng, avoid)
-    write_corpus(os.path.join(data_dir, "corpus.txt"), random.Random(f"{seed}-corpus"), toy_corpus_captions)
+    write_corpus(os.path.join(data_dir, "corpus.txt"), random.Random(f"{seed}-corpus"), toy_corpus_captions,
+                 toy_fact_repeats)
     scenes = [json.loads(line)["meta"]["scenes"][0] for line in open(os.path.join(data_dir, "val", "generation.jsonl"))]
     accuracy = scene_reader_accuracy(scenes)
     print(f"wrote {sum(c for _, _, c in jobs)} conversations to {data_dir}")

@@ -1,0 +1,54 @@
+# MetaMorph at paper scale: LLaMA-3.1-8B-Instruct + SigLIP so400m-14@384 + SD-1.5, on H100s (PAPER.md).
+#   torchrun --nproc_per_node=8 ... train_vpit.py configs/8b.py        python estimate.py configs/8b.py  (dry run)
+# Every model is a LOCAL folder (nothing downloads from a hub): put the HF snapshots under checkpoints/.
+
+# ---- models (PAPER.md Sec. 2, Sec. 2.3) -----------------------------------------------------------------------------
+llm_path = "checkpoints/Meta-Llama-3.1-8B-Instruct"  # meta-llama/Llama-3.1-8B-Instruct
+siglip_path = "checkpoints/siglip-so400m-patch14-384"  # google/siglip-so400m-patch14-384, frozen, width 1152
+vae_path = "checkpoints/stable-diffusion-v1-5/vae"  # the VAE of Stable Diffusion 1.5
+num_visual_tokens = 64  # Sec. 2: 27x27 SigLIP patches interpolated to 8x8
+
+# ---- data and outputs (Sec. 2.2, App. C; conversation JSONL as in DESIGN.md) ----------------------------------------
+data_dir = "data/metamorph"
+out_dir = "out/8b"
+# Stage-2 mixture: task -> number of samples. The paper gives Cambrian-7M for ImageQA and <= 5M MetaCLIP pairs for
+# generation; the other counts are our assumptions about the public sets it names - set them from your own data.
+# Caption data is stage 1's (adapter_data, App. A.1), not in this mixture. -1 = all of a task's file (then the dry run
+# cannot count it: give counts or dry_run_tokens).
+vpit_data = {
+    "image_qa": 7_000_000,  # Cambrian-7M ImageQA (Sec. 2.2)
+    "video_qa": 500_000,  # VideoQA, frames at 1 fps, each frame an image (Sec. 2.2)
+    "generation": 5_000_000,  # MetaCLIP image-text pairs as "Generate an image of ..." turns, <= 5M (Sec. 2.2)
+    "image_edit": 600_000,  # image-to-image: InstructPix2Pix + Aurora (App. C)
+    "video_prediction": 500_000,  # forward/partial/reverse frame prediction, temporal reordering (App. C)
+    "visual_thinking": 200_000,  # "Think visually before you answer" -> zoomed crop tokens, then the answer (App. C)
+}
+
+# ---- precision and memory (released training scripts, App. A.1) ----------------------------------------------------
+dtype = "bfloat16"
+grad_checkpointing = True
+micro_batch_size = 4  # per GPU; gradient accumulation = batch size / (micro_batch_size x GPUs)
+max_seq_len = 4096
+
+# ---- stage 1: adapter pretraining on caption data (App. A.1, Tab. 2) -----------------------------------------------
+adapter_lr = 4.90e-5
+adapter_weight_decay = 0.0
+adapter_batch_size = 768
+adapter_deepspeed_config = "configs/zero2.json"
+
+# ---- stage 2: VPiT, everything but the vision tower (App. A.1, Tab. 2: LLaMA-3.1 8B) ------------------------------
+vpit_lr = 6.93e-5
+vpit_weight_decay = 0.0
+vpit_batch_size = 1536
+vpit_epochs = 1
+vpit_warmup_ratio = 0.03  # cosine schedule after a 3% warm-up (released scripts)
+vision_loss_weight = 1.0  # Sec. 2: total = CE + 1.0 x (1 - cos)
+deepspeed_config = "configs/zero3.json"  # ZeRO-3 on H100 (App. A.1)
+
+# ---- dry-run assumptions (estimate.py; train_vpit.py --dry_run=True) -----------------------------------------------
+gpu_count = 64  # 8 nodes x 8 H100
+gpu_memory_gb = 80
+gpu_peak_tflops = 989.0  # H100 SXM dense bf16
+assumed_mfu = 0.4
+avg_sample_tokens = 600  # mean conversation length, images included (66 positions each)
+dry_run_tokens = 0  # 0: sum(vpit_data) x avg_sample_tokens x vpit_epochs

@@ -1,0 +1,105 @@
+"""
+Conversations -> training batches, shared by train_adapter.py and train_vpit.py:
+the per-task mixture from the config, the visual tokens from encode.py's cache, and length-grouped batches so little
+compute is spent on padding.
+"""
+import json
+import os
+import random
+
+import torch
+from tqdm import tqdm
+
+from encode import TokenCache
+from model import build_sample, collate
+
+
+def read_jsonl(path):
+    """Samples of a conversation file; an empty or malformed line, or a placeholder/image count mismatch, is an error
+    naming the file and line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"conversation file not found: {path}")
+    samples = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}, line {lineno}"
+            if not line.strip():
+                raise ValueError(f"{where}: empty line")
+            try:
+                s = json.loads(line)
+                n_placeholders = sum(t["value"].count("<image>") for t in s["conversations"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{where}: not a conversation sample ({e})") from None
+            if n_placeholders != len(s.get("images", [])):
+                raise ValueError(f"{where} ({s.get('id')}): {n_placeholders} <image> placeholders but "
+                                 f"{len(s.get('images', []))} images")
+            samples.append(s)
+    return samples
+
+
+def load_mixture(data_dir, split, mixture):
+    """The first n samples of data_dir/split/<task>.jsonl for each task: n in the mixture dict; None or -1 = all."""
+    samples = []
+    for task, n in mixture.items():
+        rows = read_jsonl(os.path.join(data_dir, split, f"{task}.jsonl"))
+        if n is not None and n >= 0:
+            if n > len(rows):
+                raise ValueError(f"mixture asks for {n} {task} samples but {data_dir}/{split}/{task}.jsonl has "
+                                 f"{len(rows)}")
+            rows = rows[:n]
+        samples += rows
+    return samples
+
+
+class ConversationData:
+    """Tokenized conversations (built once, up front) + their visual tokens (read from the cache per batch).
+    Samples longer than max_seq_len are skipped and counted, never silently."""
+
+    def __init__(self, samples, tokenizer, tokens_dir, max_seq_len, num_visual_tokens=64, desc="tokenize"):
+        self.cache, self.pad_id = TokenCache(tokens_dir), tokenizer.pad_token_id or 0
+        self.samples, self.built, self.skipped = [], [], 0
+        for s in tqdm(samples, desc=desc, leave=False):
+            built = build_sample(tokenizer, s["conversations"], len(s.get("images", [])), num_visual_tokens)
+            if len(built["input_ids"]) > max_seq_len:
+                self.skipped += 1
+                continue
+            missing = [p for p in s.get("images", []) if p not in self.cache]
+            if missing:
+                raise KeyError(f"sample {s.get('id')}: image {missing[0]} is not in the token cache {tokens_dir}: "
+                               "run `python encode.py`")
+            self.samples.append(s)
+            self.built.append(built)
+        if self.skipped:
+            print(f"{desc}: skipped {self.skipped} conversations longer than max_seq_len={max_seq_len}")
+
+    def __len__(self):
+        return len(self.built)
+
+    def lengths(self):
+        return [len(b["input_ids"]) for b in self.built]
+
+    def batch(self, indices):
+        visual = [self.cache.get_many(self.samples[i]["images"]) if self.samples[i].get("images")
+                  else torch.zeros(0, self.cache.num_tokens, self.cache.dim) for i in indices]
+        return collate([self.built[i] for i in indices], [v.flatten(0, 1) for v in visual], self.pad_id)
+
+
+def length_grouped_batches(lengths, batch_size, seed, group=64):
+    """Shuffle, then sort within groups of group*batch_size samples by length and cut into batches: batches of
+    similar lengths (little padding) in a random order. Deterministic from seed."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for g in range(0, len(order), group * batch_size):
+        chunk = sorted(order[g:g + group * batch_size], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def random_batches(n, batch_size, seed):
+    """Plain shuffled batches (the padded baseline the benchmark compares against)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]

@@ -1,0 +1,263 @@
+"""
+MetaMorph (PAPER.md Sec. 2): any HF causal LM + an adapter that reads visual tokens + a vision head that predicts them.
+
+    conversation + its visual tokens --build_sample--> input ids, image slots, text labels, vision targets
+    --embed--> LLM --> text head: cross-entropy on assistant text
+                   \-> vision head: 1 - cos on the 64 slots of every image inside an assistant turn
+
+Every image is `<image_start>` + 64 slots + `<image_end>`; the hidden state at position t-1 predicts the token at t, for
+text (LM head) and for visual tokens (vision head) alike. generate() switches heads at `<image_start>` and keeps a KV
+cache in both modes.
+"""
+import json
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+IMAGE, IMAGE_START, IMAGE_END = "<image>", "<image_start>", "<image_end>"
+IGNORE = -100
+ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def mlp(d_in, d_hidden, d_out):
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class MetaMorph(nn.Module):
+    def __init__(self, llm, tokenizer, vision_dim, num_visual_tokens=64):
+        super().__init__()
+        d = llm.config.hidden_size
+        self.llm, self.tokenizer = llm, tokenizer
+        self.vision_dim, self.num_visual_tokens = vision_dim, num_visual_tokens
+        self.adapter = mlp(vision_dim, d, d)  # Sec. 2: Linear(1152, d) -> GELU -> Linear(d, d)
+        self.vision_head = mlp(d, d, vision_dim)  # released code: Linear(d, d) -> GELU -> Linear(d, 1152)
+        self.image_start_id, self.image_end_id = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+
+    # ---- building, saving, loading -----------------------------------------------------------------------------------
+    @classmethod
+    def from_llm(cls, llm_path, vision_dim, num_visual_tokens=64, dtype=torch.float32):
+        """A pretrained LLM (a local folder) + new image delimiters + a fresh adapter and vision head."""
+        if not os.path.isdir(llm_path):
+            raise FileNotFoundError(f"LLM not found at {llm_path} (for the toy stand-in run `python pretrain_tiny.py`)")
+        tokenizer = AutoTokenizer.from_pretrained(llm_path)
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_START, IMAGE_END]})
+        embeddings = llm.get_input_embeddings().weight
+        old = embeddings.shape[0]
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():  # released code: new rows = mean of the existing rows
+            for w in {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}:
+                w[old:] = w[:old].mean(0)
+        return cls(llm, tokenizer, vision_dim, num_visual_tokens)
+
+    def save_pretrained(self, path):
+        """path/llm (save_pretrained: weights, config, tokenizer) + path/metamorph.safetensors + path/metamorph.json.
+        Written to a temporary folder first, so a crash leaves the previous checkpoint intact."""
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.llm.save_pretrained(os.path.join(tmp, "llm"))
+        self.tokenizer.save_pretrained(os.path.join(tmp, "llm"))
+        self.save_heads(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+    def delimiter_rows(self):
+        """The trainable rows of stage 1 besides the adapter: <image_start>, <image_end> in the embedding table(s)."""
+        ids = [self.image_start_id, self.image_end_id]
+        tables = {"input_embeddings": self.llm.get_input_embeddings().weight,
+                  "output_embeddings": self.llm.get_output_embeddings().weight}
+        if tables["input_embeddings"] is tables["output_embeddings"]:
+            del tables["output_embeddings"]  # tied
+        return {name: w[ids] for name, w in tables.items()}
+
+    def save_heads(self, path):
+        """Everything that is not the LLM: adapter, vision head and the delimiter rows (metamorph.safetensors), and
+        the sizes (metamorph.json). Stage 1's whole checkpoint; stage 2 adds the LLM beside it."""
+        os.makedirs(path, exist_ok=True)
+        tensors = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
+        tensors.update({f"vision_head.{k}": v for k, v in self.vision_head.state_dict().items()})
+        tensors.update({f"delimiters.{k}": v for k, v in self.delimiter_rows().items()})
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+                  os.path.join(path, "metamorph.safetensors"))
+        with open(os.path.join(path, "metamorph.json"), "w") as f:
+            json.dump({"vision_dim": self.vision_dim, "num_visual_tokens": self.num_visual_tokens}, f)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32):
+        if not os.path.exists(os.path.join(path, "metamorph.json")):
+            raise FileNotFoundError(f"no MetaMorph checkpoint at {path} (metamorph.json missing)")
+        meta = json.load(open(os.path.join(path, "metamorph.json")))
+        llm_dir = os.path.join(path, "llm")
+        model = cls(AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype), AutoTokenizer.from_pretrained(llm_dir),
+                    meta["vision_dim"], meta["num_visual_tokens"])
+        model.load_heads(path, parts=("adapter", "vision_head"))  # the delimiter rows are in the LLM already
+        return model.to(dtype)
+
+    def load_heads(self, path, parts=("adapter", "vision_head", "delimiters")):
+        state = load_file(os.path.join(path, "metamorph.safetensors"))
+        part = lambda name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        if "adapter" in parts:
+            self.adapter.load_state_dict(part("adapter"))
+        if "vision_head" in parts:
+            self.vision_head.load_state_dict(part("vision_head"))
+        if "delimiters" in parts:
+            with torch.no_grad():
+                rows = part("delimiters")
+                ids = [self.image_start_id, self.image_end_id]
+                self.llm.get_input_embeddings().weight[ids] = rows["input_embeddings"].to(self.llm.dtype)
+                if "output_embeddings" in rows:
+                    self.llm.get_output_embeddings().weight[ids] = rows["output_embeddings"].to(self.llm.dtype)
+
+    # ---- the forward pass and the dual-head loss ---------------------------------------------------------------------
+    def embed(self, input_ids, slots, visual_tokens):
+        """Token embeddings, with adapter(visual token) at every image slot (slots >= 0 index visual_tokens)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_slot = slots >= 0
+        if is_slot.any():
+            embeds = embeds.clone()
+            embeds[is_slot] = self.adapter(visual_tokens[slots[is_slot]].to(embeds.dtype))
+        return embeds
+
+    def hidden_states(self, input_ids, slots, visual_tokens, attention_mask=None):
+        """The LLM's last hidden states (after its final norm): the input of the LM head and of the vision head."""
+        embeds = self.embed(input_ids, slots, visual_tokens)
+        return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids, slots, visual_tokens, labels, vision_mask, attention_mask=None,
+                vision_loss_weight=1.0):
+        """(total, text loss, vision loss). Sec. 2: total = CE + weight x (1 - cos); targets shifted by one."""
+        hidden = self.hidden_states(input_ids, slots, visual_tokens, attention_mask)[:, :-1]
+        text_labels, vision_at = labels[:, 1:], vision_mask[:, 1:]
+        is_text = text_labels != IGNORE
+        logits = self.llm.get_output_embeddings()(hidden[is_text]).float()
+        text_loss = F.cross_entropy(logits, text_labels[is_text]) if is_text.any() else logits.sum() * 0
+        predicted = self.vision_head(hidden[vision_at]).float()
+        targets = visual_tokens[slots[:, 1:][vision_at]].float()
+        # a batch without visual targets: 0 (sum over nothing), never the NaN of an empty mean
+        vision_loss = (1 - F.cosine_similarity(predicted, targets, dim=-1)).sum() / max(len(targets), 1)
+        return text_loss + vision_loss_weight * vision_loss, text_loss, vision_loss
+
+    # ---- generation with a KV cache ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, slots, visual_tokens, max_new_tokens=64, temperature=0.0, top_p=1.0,
+                 generator=None, past_key_values=None):
+        """Continue one sequence. Text mode until `<image_start>`; then num_visual_tokens steps of vision mode
+        (v = normalize(vision_head(h)), next input = adapter(v)); then `<image_end>` and text again (Sec. 2).
+        Returns (pieces, cache): pieces alternate lists of token ids and (num_visual_tokens, vision_dim) images."""
+        decoder = self.llm.get_decoder()
+        stop = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|eot_id|>")} - {None}
+        embeds = self.embed(input_ids[None], slots[None], visual_tokens)
+        pieces, text = [], []
+
+        def step(embeds):
+            nonlocal past_key_values
+            out = decoder(inputs_embeds=embeds, past_key_values=past_key_values, use_cache=True)
+            past_key_values = out.past_key_values
+            return out.last_hidden_state[:, -1]
+
+        token_embedding = self.llm.get_input_embeddings()
+        h = step(embeds)
+        for _ in range(max_new_tokens):
+            token = sample_token(self.llm.get_output_embeddings()(h)[0].float(), temperature, top_p, generator)
+            if token in stop:
+                break
+            text.append(token)
+            h = step(token_embedding(torch.tensor([[token]], device=h.device)))
+            if token != self.image_start_id:
+                continue
+            image = []
+            for _ in range(self.num_visual_tokens):
+                v = F.normalize(self.vision_head(h).float(), dim=-1)
+                image.append(v[0])
+                h = step(self.adapter(v.to(h.dtype))[:, None])
+            pieces += [text, torch.stack(image)]
+            text = [self.image_end_id]
+            h = step(token_embedding(torch.tensor([[self.image_end_id]], device=h.device)))
+        pieces.append(text)
+        return pieces, past_key_values
+
+
+def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Greedy when temperature is 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = F.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(0) - sorted_probs < top_p
+    sorted_probs = sorted_probs * keep
+    return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)])
+
+
+# ---- conversation -> tensors -----------------------------------------------------------------------------------------
+def chat_segments(tokenizer, conversations, add_generation_prompt=False):
+    """The chat template's text cut into (text, is_assistant) pieces: assistant pieces are the replies with their
+    end-of-turn markup, the only text that gets a loss. Works with any tokenizer.apply_chat_template.
+    add_generation_prompt: end with the header of the assistant turn to be generated."""
+    messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            segments.append((prompt[len(done):], False))
+            done = prompt
+        full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not full.startswith(done):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        segments.append((full[len(done):], m["role"] == "assistant"))
+        done = full
+    if add_generation_prompt:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        segments.append((prompt[len(done):], False))
+    return [(text, assistant) for text, assistant in segments if text]
+
+
+def build_sample(tokenizer, conversations, num_images, num_visual_tokens=64, add_generation_prompt=False):
+    """One conversation -> dict of 1-D tensors of one length:
+    input_ids (slots hold the pad id), slots (index of the visual token at each image slot, else -1),
+    labels (text targets: assistant text and image delimiters, else IGNORE),
+    vision_mask (True on the slots of images inside assistant turns: the vision-loss targets).
+    add_generation_prompt: a prompt for generate(), ending where the assistant's reply begins."""
+    start_id, end_id = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, slots, labels, vision, image = [], [], [], [], 0
+    for text, assistant in chat_segments(tokenizer, conversations, add_generation_prompt):
+        for k, piece in enumerate(text.split(IMAGE)):
+            if k > 0:  # an <image> stood before this piece
+                n = num_visual_tokens
+                ids += [start_id] + [pad] * n + [end_id]
+                slots += [-1] + list(range(image * n, (image + 1) * n)) + [-1]
+                labels += [start_id if assistant else IGNORE] + [IGNORE] * n + [end_id if assistant else IGNORE]
+                vision += [False] + [assistant] * n + [False]
+                image += 1
+            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+            ids += piece_ids
+            slots += [-1] * len(piece_ids)
+            labels += piece_ids if assistant else [IGNORE] * len(piece_ids)
+            vision += [False] * len(piece_ids)
+    if image != num_images:
+        raise ValueError(f"{image} <image> placeholders but {num_images} images")
+    return {"input_ids": torch.tensor(ids), "slots": torch.tensor(slots), "labels": torch.tensor(labels),
+            "vision_mask": torch.tensor(vision)}
+
+
+def collate(samples, visual_tokens, pad_id):
+    """Right-pad samples to one length; slots are shifted to index the concatenation of their visual tokens."""
+    length = max(len(s["input_ids"]) for s in samples)
+    batch = {"input_ids": torch.full((len(samples), length), pad_id), "slots": torch.full((len(samples), length), -1),
+             "labels": torch.full((len(samples), length), IGNORE),
+             "vision_mask": torch.zeros(len(samples), length, dtype=torch.bool),
+             "attention_mask": torch.zeros(len(samples), length, dtype=torch.long)}
+    offset = 0
+    for i, (s, v) in enumerate(zip(samples, visual_tokens)):
+        n = len(s["input_ids"])
+        batch["input_ids"][i, :n], batch["labels"][i, :n] = s["input_ids"], s["labels"]
+        batch["slots"][i, :n] = torch.where(s["slots"] >= 0, s["slots"] + offset, -1)
+        batch["vision_mask"][i, :n], batch["attention_mask"][i, :n] = s["vision_mask"], 1
+        offset += len(v)
+    batch["visual_tokens"] = torch.cat(visual_tokens) if offset else torch.zeros(0, 1)
+    return batch

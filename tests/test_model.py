@@ -1,0 +1,155 @@
+"""model.py: sequence layout for every task kind, the dual-head loss against a hand computation, no NaN without
+visual targets, and what trains in each stage."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import toyworld
+from model import IGNORE, IMAGE_END, IMAGE_START, MetaMorph, build_sample, collate
+from train_adapter import freeze_all_but_adapter
+
+D_V, N = 32, 64
+
+
+@pytest.fixture(scope="module")
+def model(micro):
+    torch.manual_seed(0)
+    return MetaMorph.from_llm(f"{micro['base']}/llm", D_V, N)
+
+
+def conversation(task, seed=0):
+    human, gpt, images, _ = toyworld.TASKS[task](random.Random(seed), set())
+    return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}], len(images)
+
+
+@pytest.mark.parametrize("task", list(toyworld.TASKS))
+def test_labels_and_vision_targets_for_every_task(model, task):
+    tok = model.tokenizer
+    conv, n_images = conversation(task)
+    s = build_sample(tok, conv, n_images, N)
+    ids, labels, slots, vision = s["input_ids"], s["labels"], s["slots"], s["vision_mask"]
+    n_out = conv[1]["value"].count("<image>")
+    n_in = n_images - n_out
+    # text labels: exactly the assistant reply (images as delimiters) and its end-of-turn markup
+    labeled = tok.decode(labels[labels != IGNORE])
+    reply = conv[1]["value"].replace("<image>", IMAGE_START + IMAGE_END)
+    assert labeled.startswith(reply) and labeled[len(reply):].strip() == tok.eos_token
+    # every image: <image_start>, 64 slots numbered in order, <image_end>
+    assert (slots >= 0).sum() == N * n_images and torch.equal(slots[slots >= 0], torch.arange(N * n_images))
+    starts = (ids == model.image_start_id).nonzero().flatten()
+    assert len(starts) == n_images and torch.equal(ids[starts + N + 1], torch.full((n_images,), model.image_end_id))
+    # vision targets: exactly the slots of the images in the reply, never a prompt image
+    assert vision.sum() == N * n_out
+    assert torch.equal(slots[vision], torch.arange(N * n_in, N * n_images))
+    for k, start in enumerate(starts):
+        assistant_image = k >= n_in
+        assert (labels[start] != IGNORE) == assistant_image and (labels[start + N + 1] != IGNORE) == assistant_image
+        assert (labels[start + 1:start + N + 1] == IGNORE).all()
+
+
+def test_delimiters_start_at_the_mean_row(micro):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(f"{micro['base']}/llm").get_input_embeddings().weight
+    m = MetaMorph.from_llm(f"{micro['base']}/llm", D_V, N)
+    rows = m.llm.get_input_embeddings().weight[[m.image_start_id, m.image_end_id]]
+    assert torch.allclose(rows, base.mean(0).expand(2, -1), atol=1e-6)
+
+
+def batch_of(model, tasks, seed=0):
+    samples, visual = [], []
+    g = torch.Generator().manual_seed(seed)
+    for k, task in enumerate(tasks):
+        conv, n = conversation(task, seed + k)
+        samples.append(build_sample(model.tokenizer, conv, n, N))
+        visual.append(F.normalize(torch.randn(n * N, D_V, generator=g), dim=-1))
+    return collate(samples, visual, model.tokenizer.pad_token_id)
+
+
+def test_loss_equals_a_hand_computation(model):
+    batch = batch_of(model, ["generation", "image_qa", "image_edit"])
+    total, text, vision = model(**batch, vision_loss_weight=0.5)
+    embeds = model.embed(batch["input_ids"], batch["slots"], batch["visual_tokens"])
+    out = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
+    hidden = model.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    ce, cos = [], []
+    for b in range(len(batch["input_ids"])):
+        for t in range(1, batch["input_ids"].shape[1]):
+            if batch["labels"][b, t] != IGNORE:  # position t-1 predicts token t
+                ce.append(-out.logits[b, t - 1].log_softmax(-1)[batch["labels"][b, t]])
+            if batch["vision_mask"][b, t]:
+                target = batch["visual_tokens"][batch["slots"][b, t]]
+                cos.append(1 - F.cosine_similarity(model.vision_head(hidden[b, t - 1]), target, dim=0))
+    assert len(cos) == 2 * N  # the generated image and the edited image
+    assert torch.allclose(text, torch.stack(ce).mean(), atol=1e-5)
+    assert torch.allclose(vision, torch.stack(cos).mean(), atol=1e-5)
+    assert torch.allclose(total, text + 0.5 * vision, atol=1e-6)
+
+
+def test_no_visual_targets_gives_zero_vision_loss_not_nan(model):
+    batch = batch_of(model, ["image_qa", "caption"])
+    assert not batch["vision_mask"].any()
+    model.zero_grad()
+    total, text, vision = model(**batch)
+    assert vision.item() == 0 and torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.vision_head.parameters())
+    assert model.adapter[0].weight.grad.abs().sum() > 0
+
+
+def test_stage1_trains_only_adapter_and_delimiter_rows(micro):
+    m = MetaMorph.from_llm(f"{micro['base']}/llm", D_V, N)
+    params = freeze_all_but_adapter(m)
+    total, _, _ = m(**batch_of(m, ["caption", "caption"]))
+    total.backward()
+    emb = m.llm.get_input_embeddings().weight
+    rows = torch.zeros(len(emb), dtype=torch.bool)
+    rows[[m.image_start_id, m.image_end_id]] = True
+    assert emb.grad[rows].abs().sum() > 0 and not emb.grad[~rows].any()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapter.parameters())
+    frozen = [p for p in m.parameters() if p is not emb and not any(p is q for q in m.adapter.parameters())]
+    assert all(p.grad is None for p in frozen) and all(not p.requires_grad for p in m.vision_head.parameters())
+    assert len(params) == len(list(m.adapter.parameters())) + 1  # tied embeddings: one table
+
+
+def test_stage2_trains_everything(model):
+    model.zero_grad()
+    total, _, _ = model(**batch_of(model, ["generation", "image_qa"]))
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    loaded = MetaMorph.from_pretrained(str(tmp_path / "ckpt"))
+    batch = batch_of(model, ["generation"])
+    with torch.no_grad():
+        assert torch.allclose(model(**batch)[0], loaded(**batch)[0], atol=1e-6)
+    assert loaded.image_start_id == model.image_start_id and loaded.vision_dim == D_V
+
+
+def test_kv_cache_generation_equals_recomputation(micro):
+    """Greedy generate() with its KV cache, against recomputing the whole sequence at every step."""
+    model = MetaMorph.from_llm(f"{micro['base']}/llm", D_V, N)
+    conv, n = conversation("generation")
+    prompt = build_sample(model.tokenizer, conv[:1], 0, N, add_generation_prompt=True)
+    # force an image: make <image_start> the likeliest next token after the prompt
+    with torch.no_grad():
+        model.llm.get_output_embeddings().weight[model.image_start_id] *= 0
+        model.llm.get_output_embeddings().weight[model.image_start_id] += 50 * model.hidden_states(
+            prompt["input_ids"][None], prompt["slots"][None], torch.zeros(0, D_V))[0, -1]
+    pieces, _ = model.generate(prompt["input_ids"], prompt["slots"], torch.zeros(0, D_V), max_new_tokens=3)
+    assert pieces[0][-1] == model.image_start_id and pieces[1].shape == (N, D_V)
+    ids, slots, visual = prompt["input_ids"].tolist(), prompt["slots"].tolist(), []
+    with torch.no_grad():
+        ids.append(model.image_start_id)
+        slots.append(-1)
+        for k in range(N):  # recompute everything for each visual token
+            h = model.hidden_states(torch.tensor([ids]), torch.tensor([slots]),
+                                    torch.stack(visual) if visual else torch.zeros(0, D_V))[0, -1]
+            visual.append(F.normalize(model.vision_head(h), dim=-1))
+            ids.append(0)
+            slots.append(k)
+    assert torch.allclose(pieces[1], torch.stack(visual), atol=1e-4)

@@ -1,0 +1,108 @@
+"""
+Stage 1, adapter pretraining (PAPER.md App. A.1): on caption data, only the adapter learns to map visual tokens into
+the LLM's input space (and, as in the released code, the new `<image_start>`/`<image_end>` rows). The LLM is frozen;
+the vision head is not used (captions have no visual targets) and stays untrained until stage 2.
+
+    python train_adapter.py                                       # configs/tiny.py -> out/tiny/adapter/
+    torchrun --nproc_per_node=8 train_adapter.py configs/8b.py    # DeepSpeed ZeRO-2 (adapter_deepspeed_config)
+
+The loop is stage 2's (train_vpit.train); only what trains, the data and the hyperparameters differ.
+"""
+import contextlib
+import json
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+
+from data import ConversationData, load_mixture
+from encode import TokenCache
+from model import MetaMorph
+from train_vpit import setup_distributed, train, val_losses
+
+# ---------------------------------------------------------------------------------------------------------------------
+data_dir = "data/toy"
+out_dir = "out/tiny"
+llm_path = "out/tiny/base/llm"
+num_visual_tokens = 64
+adapter_data = {"caption": -1}
+adapter_val = 64
+adapter_lr = 1e-3
+adapter_weight_decay = 0.0  # Tab. 2 (and 0 keeps the frozen embedding rows exactly frozen under AdamW)
+adapter_batch_size = 64
+adapter_epochs = 1
+adapter_warmup_ratio = 0.03
+adapter_deepspeed_config = ""  # e.g. configs/zero2.json
+micro_batch_size = 16
+max_seq_len = 1024
+grad_clip = 1.0
+dtype = "float32"
+log_interval = 10
+eval_interval = 100
+ckpt_interval = 100
+stop_after = -1
+seed = 1337
+device = "auto"
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def freeze_all_but_adapter(model):
+    """Trainable: the adapter, and of the embedding table(s) only the two new delimiter rows (a gradient mask)."""
+    model.requires_grad_(False)
+    model.adapter.requires_grad_(True)
+    keep = torch.zeros(model.llm.get_input_embeddings().weight.shape[0], 1)
+    keep[[model.image_start_id, model.image_end_id]] = 1
+    tables = {model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight}
+    for w in tables:
+        w.requires_grad_(True)
+        w.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+    return list(model.adapter.parameters()) + list(tables)
+
+
+def main():
+    rank, world, dev = setup_distributed()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in ("adapter", "tokens", "ckpt/adapter"))
+    if os.path.exists(os.path.join(stage_dir, "metamorph.json")):
+        return print(f"{stage_dir} already holds the finished stage 1: delete it to train again")
+    model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
+    if os.path.exists(os.path.join(ckpt, "trainer.pt")):
+        model.load_heads(ckpt)
+    params = freeze_all_but_adapter(model)
+    model.to(dev)
+    data = lambda split, mix, desc: ConversationData(load_mixture(data_dir, split, mix), model.tokenizer, tokens_dir,
+                                                     max_seq_len, num_visual_tokens, desc=desc)
+    train_set = data("train", adapter_data, "tokenize train")
+    val_sets = {task: data("val", {task: adapter_val}, f"tokenize val {task}") for task in adapter_data}
+    if rank == 0:
+        print(f"stage 1: {sum(p.numel() for p in model.adapter.parameters()) / 1e6:.2f}M adapter parameters + 2 "
+              f"delimiter rows, {len(train_set)} conversations, world size {world}")
+    hp = dict(lr=adapter_lr, weight_decay=adapter_weight_decay, batch_size=adapter_batch_size,
+              micro_batch_size=micro_batch_size, epochs=adapter_epochs, warmup_ratio=adapter_warmup_ratio,
+              grad_clip=grad_clip, dtype=dtype, vision_loss_weight=1.0, deepspeed_config=adapter_deepspeed_config,
+              log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
+              ckpt_interval=ckpt_interval, out_dir=out_dir)
+    t0 = time.time()
+    if train(model, params, train_set, val_sets, MetaMorph.save_heads, "adapter", hp, rank, world, dev):
+        report = {"minutes": (time.time() - t0) / 60,
+                  "val": val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())}
+        if rank == 0:
+            tmp = stage_dir + ".tmp"
+            model.save_heads(tmp)
+            os.replace(tmp, stage_dir)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            json.dump(report, open(os.path.join(out_dir, "logs", "adapter_report.json"), "w"), indent=1)
+            print(json.dumps(report, indent=1))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    configure(globals())
+    main()

@@ -1,0 +1,289 @@
+"""
+Stage 2, Visual-Predictive Instruction Tuning (PAPER.md Sec. 2, App. A.1): the whole model but the vision tower, on a
+per-task data mixture, with the dual-head loss of model.py. The training loop below is also stage 1's (train_adapter.py).
+
+    python train_vpit.py                                        # one process, configs/tiny.py
+    torchrun --nproc_per_node=2 train_vpit.py configs/tiny.py   # DDP: gloo on CPU, nccl on GPU
+    torchrun --nproc_per_node=8 train_vpit.py configs/8b.py     # DeepSpeed ZeRO-3, as configs/8b.py names zero3.json
+    python train_vpit.py configs/8b.py --dry_run=True           # sizes, FLOPs/token, memory and hours; no weights
+
+Restarted with the same out_dir, it resumes from its latest checkpoint (model, optimizer, schedule, step, RNG).
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import ConversationData, length_grouped_batches, load_mixture
+from encode import TokenCache
+from model import MetaMorph, build_sample
+
+# ---------------------------------------------------------------------------------------------------------------------
+data_dir = "data/toy"
+out_dir = "out/tiny"
+llm_path = "out/tiny/base/llm"
+num_visual_tokens = 64
+vpit_data = {"image_qa": -1, "video_qa": -1, "generation": -1, "image_edit": -1, "video_prediction": -1,
+             "visual_thinking": -1}  # task -> number of samples (-1: all); ablations change this mix
+vpit_val = 64  # val samples per task for the periodic val loss
+vpit_init = "adapter"  # stage-1 checkpoint under out_dir whose adapter and delimiter rows start stage 2 ("": fresh)
+vpit_lr = 1e-3
+vpit_weight_decay = 0.0  # Tab. 2
+vpit_batch_size = 64  # global batch, in conversations
+vpit_epochs = 1
+vpit_warmup_ratio = 0.03  # released scripts
+micro_batch_size = 16  # per process; gradient accumulation makes up the global batch
+max_seq_len = 1024
+vision_loss_weight = 1.0  # Sec. 2: total = CE + 1.0 x cosine term
+grad_clip = 1.0
+dtype = "float32"  # "bfloat16": autocast where the hardware has it
+grad_checkpointing = False
+deepspeed_config = ""  # e.g. configs/zero3.json: the DeepSpeed engine does backward and step
+log_interval = 10
+eval_interval = 100
+ckpt_interval = 100
+stop_after = -1  # stop (as if killed) after this many steps; the next run resumes. -1: run to the end
+seed = 1337
+device = "auto"
+dry_run = False
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain run is rank 0 of 1."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    else:
+        rank, world, dev = 0, 1, torch.device("cuda" if cuda else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return rank, world, dev
+
+
+def cosine_schedule(step, total, warmup_ratio):
+    """Linear warm-up over warmup_ratio of the steps, then cosine decay to 0 (released scripts)."""
+    warmup = max(1, round(total * warmup_ratio))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def to_device(batch, dev):
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def val_losses(model, val_sets, micro_batch, dev, amp):
+    """Per task: mean text loss and mean cosine of the predicted visual tokens (1 - vision loss)."""
+    model.eval()
+    report = {}
+    for task, data in val_sets.items():
+        text = cos = 0.0
+        batches = [list(range(i, min(i + micro_batch, len(data)))) for i in range(0, len(data), micro_batch)]
+        for idx in batches:
+            with amp:
+                _, t, v = model(**to_device(data.batch(idx), dev))
+            text, cos = text + t.item() * len(idx), cos + (1 - v.item()) * len(idx)
+        report[task] = {"text_loss": text / len(data), "vision_cos": cos / len(data)}
+    model.train()
+    return report
+
+
+def save_checkpoint(path, model, save_model, optimizer, scheduler, step):
+    """Atomic: model + trainer state into path.tmp, then renamed over path."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
+               os.path.join(tmp, "trainer.pt"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, world=1, dev=torch.device("cpu")):
+    """The hand-written loop of both stages: AdamW, warm-up + cosine, gradient accumulation up to hp["batch_size"],
+    clipping, optional bf16 autocast, periodic val loss per task, atomic checkpoints in out_dir/ckpt/<name> and
+    resume from them, a log in out_dir/logs/<name>.jsonl. save_model(model, path) writes the stage's own format.
+    Returns the engine that trained (the model, DDP or DeepSpeed) once all steps are done, else None."""
+    accum = hp["batch_size"] // (hp["micro_batch_size"] * world)
+    assert accum * hp["micro_batch_size"] * world == hp["batch_size"], \
+        f"batch_size {hp['batch_size']} is not a multiple of micro_batch_size x world size"
+    micro_batches = [b for epoch in range(hp["epochs"]) for b in
+                     length_grouped_batches(train_set.lengths(), hp["micro_batch_size"], hp["seed"] + epoch)]
+    total_steps = len(micro_batches) // (accum * world)
+    optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total_steps,
+                                                                                       hp["warmup_ratio"]))
+    ckpt, step = os.path.join(hp["out_dir"], "ckpt", name), 0
+    if os.path.exists(os.path.join(ckpt, "trainer.pt")):  # resume: the model was loaded from ckpt by the caller
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {step}/{total_steps}")
+    engine = model
+    if hp["deepspeed_config"]:
+        import deepspeed  # the engine shards parameters, gradients and optimizer state (ZeRO-3) and does the step
+
+        ds_config = json.load(open(hp["deepspeed_config"]))
+        ds_config.update(train_micro_batch_size_per_gpu=hp["micro_batch_size"], gradient_accumulation_steps=accum,
+                         train_batch_size=hp["batch_size"], gradient_clipping=hp["grad_clip"],
+                         bf16={"enabled": hp["dtype"] == "bfloat16"}, zero_allow_untested_optimizer=True)
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               lr_scheduler=scheduler, config=ds_config)
+        if os.path.exists(os.path.join(ckpt, "deepspeed")):
+            _, client_state = engine.load_checkpoint(os.path.join(ckpt, "deepspeed"))
+            step = client_state["step"]
+    elif world > 1:
+        engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=hp["dtype"] == "bfloat16" and not hp["deepspeed_config"])
+    os.makedirs(os.path.join(hp["out_dir"], "logs"), exist_ok=True)
+    log = open(os.path.join(hp["out_dir"], "logs", f"{name}.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=step, desc=name, disable=rank != 0)
+    model.train()
+    t0, tokens = time.time(), 0
+    while step < total_steps and step != hp["stop_after"]:
+        text_sum = vision_sum = 0.0
+        for k in range(accum):
+            idx = micro_batches[(step * accum + k) * world + rank]
+            batch = to_device(train_set.batch(idx), dev)
+            tokens += int(batch["attention_mask"].sum()) * world
+            sync = k == accum - 1 or world == 1 or hp["deepspeed_config"]
+            ctx = engine.no_sync() if not sync and isinstance(engine, torch.nn.parallel.DistributedDataParallel) \
+                else torch.enable_grad()
+            with ctx, amp:
+                loss, text_loss, vision_loss = engine(**batch, vision_loss_weight=hp["vision_loss_weight"])
+            if hp["deepspeed_config"]:
+                engine.backward(loss)
+                engine.step()
+            else:
+                (loss / accum).backward()
+            text_sum, vision_sum = text_sum + text_loss.item() / accum, vision_sum + vision_loss.item() / accum
+        if not hp["deepspeed_config"]:
+            torch.nn.utils.clip_grad_norm_(params, hp["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update()
+        if world > 1:  # log the global batch's losses, not rank 0's share
+            losses = torch.tensor([text_sum, vision_sum], device=dev)
+            dist.all_reduce(losses)
+            text_sum, vision_sum = (losses / world).tolist()
+        if rank == 0:
+            record = {"step": step, "text_loss": text_sum, "vision_cos": 1 - vision_sum,
+                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.time() - t0)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if step % hp["log_interval"] == 0:
+                bar.set_postfix(text=f"{text_sum:.3f}", cos=f"{1 - vision_sum:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+        if step % hp["eval_interval"] == 0 and val_sets:  # every rank: under ZeRO-3 a forward needs them all
+            report = val_losses(model, val_sets, hp["micro_batch_size"], dev, amp)
+            if rank == 0:
+                tqdm.write(f"step {step} val: {json.dumps(report)}")
+        if step % hp["ckpt_interval"] == 0 and step < total_steps:
+            if hp["deepspeed_config"]:  # every rank writes its shard of the ZeRO state
+                engine.save_checkpoint(os.path.join(ckpt, "deepspeed"), client_state={"step": step})
+            elif rank == 0:
+                save_checkpoint(ckpt, model, save_model, optimizer, scheduler, step)
+            if dist.is_initialized():
+                dist.barrier()
+    bar.close()
+    return engine if step == total_steps else None
+
+
+def gathered(model, deepspeed_config):
+    """A context in which every parameter is whole: under ZeRO-3 each rank holds a shard, and saving in HF format
+    gathers the 16-bit weights first. Without DeepSpeed (or ZeRO < 3) it changes nothing."""
+    if not deepspeed_config:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+@torch.no_grad()
+def exact_match(model, samples, cache, dev, limit=200):
+    """Greedy answers to val questions (KV-cache generate) against the reference answers, exact match."""
+    model.eval()
+    right = 0
+    for s in samples[:limit]:
+        prompt = build_sample(model.tokenizer, s["conversations"][:1], len(s["images"]), model.num_visual_tokens,
+                              add_generation_prompt=True)
+        visual = cache.get_many(s["images"]).flatten(0, 1).to(dev)
+        pieces, _ = model.generate(prompt["input_ids"].to(dev), prompt["slots"].to(dev), visual, max_new_tokens=16)
+        answer = model.tokenizer.decode(pieces[-1], skip_special_tokens=True).strip()
+        right += answer == s["conversations"][1]["value"].strip()
+    return right / max(1, min(limit, len(samples)))
+
+
+def main():
+    rank, world, dev = setup_distributed()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if dry_run:
+        import estimate
+
+        return estimate.report(llm_path, None, num_visual_tokens, {k: v for k, v in globals().items()
+                                                                   if not k.startswith("_")})
+    stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in ("vpit", "tokens", "ckpt/vpit"))
+    if os.path.exists(os.path.join(stage_dir, "metamorph.json")):
+        return print(f"{stage_dir} already holds the finished stage 2: delete it to train again")
+    if os.path.exists(os.path.join(ckpt, "trainer.pt")):
+        model = MetaMorph.from_pretrained(ckpt)
+    else:  # (under DeepSpeed the engine loads its own checkpoint over this)
+        model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
+        if vpit_init:
+            model.load_heads(os.path.join(out_dir, vpit_init), parts=("adapter", "delimiters"))
+    model.to(dev)
+    if grad_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    data = lambda split, mix, desc: ConversationData(load_mixture(data_dir, split, mix), model.tokenizer, tokens_dir,
+                                                     max_seq_len, num_visual_tokens, desc=desc)
+    train_set = data("train", vpit_data, "tokenize train")
+    val_sets = {task: data("val", {task: vpit_val}, f"tokenize val {task}") for task in vpit_data}
+    params = [p for p in model.parameters() if p.requires_grad]  # everything but the vision tower (not in here)
+    if rank == 0:
+        print(f"stage 2: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {len(train_set)} "
+              f"conversations ({train_set.skipped} longer than max_seq_len, skipped), world size {world}")
+    hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
+              epochs=vpit_epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
+              vision_loss_weight=vision_loss_weight, deepspeed_config=deepspeed_config, log_interval=log_interval,
+              eval_interval=eval_interval, stop_after=stop_after, seed=seed, ckpt_interval=ckpt_interval,
+              out_dir=out_dir)
+    t0 = time.time()
+    if train(model, params, train_set, val_sets, MetaMorph.save_pretrained, "vpit", hp, rank, world, dev):
+        report = {"minutes": (time.time() - t0) / 60,
+                  "val": val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext()),
+                  "image_qa_exact_match": exact_match(model, val_sets["image_qa"].samples, TokenCache(tokens_dir), dev)
+                  if "image_qa" in val_sets else None}
+        with gathered(model, deepspeed_config):
+            if rank == 0:
+                model.save_pretrained(stage_dir)
+                json.dump(report, open(os.path.join(out_dir, "logs", "vpit_report.json"), "w"), indent=1)
+                print(json.dumps(report, indent=1))
+                shutil.rmtree(ckpt, ignore_errors=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    configure(globals())
+    main()
