@@ -3,7 +3,7 @@ MetaMorph (PAPER.md Sec. 2): any HF causal LM + an adapter that reads visual tok
 
     conversation + its visual tokens --build_sample--> input ids, image slots, text labels, vision targets
     --embed--> LLM --> text head: cross-entropy on assistant text
-                   \-> vision head: 1 - cos on the 64 slots of every image inside an assistant turn
+                   +-> vision head: 1 - cos on the 64 slots of every image inside an assistant turn
 
 Every image is `<image_start>` + 64 slots + `<image_end>`; the hidden state at position t-1 predicts the token at t, for
 text (LM head) and for visual tokens (vision head) alike. generate() switches heads at `<image_start>` and keeps a KV
