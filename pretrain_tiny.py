@@ -30,8 +30,8 @@ llm_path = "out/tiny/base/llm"
 vae_path = "out/tiny/base/vae"
 seed = 1337
 # SigLIP stand-in
-siglip_width = 96
-siglip_layers = 3
+siglip_width = 128
+siglip_layers = 2  # shallow: patch tokens stay local (the 64 tokens must say what is where)
 siglip_text_len = 48
 siglip_steps = 600
 siglip_batch = 64

@@ -169,13 +169,13 @@ def caption(rng, scene):
 
 
 def generation_turns(rng, request):
-    return rng.choice(GEN_PROMPTS).format(request), rng.choice(GEN_RESPONSES)
+    return [rng.choice(GEN_PROMPTS).format(request), rng.choice(GEN_RESPONSES)]
 
 
-# ---- the tasks: each returns (human text, gpt text, images, meta) ---------------------------------------------------
+# ---- the tasks: each returns ([human, gpt, human, gpt, ...] texts, images, meta) -----------------------------------
 def task_caption(rng, avoid):
     scene = random_scene(rng)
-    return f"<image>\n{rng.choice(CAPTION_PROMPTS)}", caption(rng, scene), [render(scene)], {"scenes": [scene]}
+    return [f"<image>\n{rng.choice(CAPTION_PROMPTS)}", caption(rng, scene)], [render(scene)], {"scenes": [scene]}
 
 
 def image_question(rng, scene, qtype):
@@ -214,13 +214,18 @@ def image_question(rng, scene, qtype):
 QA_TYPES = ["colour", "shape", "count", "position", "size", "yes_no", "multiple_choice"]
 
 
-def task_image_qa(rng, avoid):
-    qtype, qa = rng.choice(QA_TYPES), None
-    while qa is None:
-        scene = random_scene(rng)
-        qa = image_question(rng, scene, qtype)
-    question, answer = qa
-    return f"<image>\n{question}", answer, [render(scene)], {"qtype": qtype, "scenes": [scene]}
+def task_image_qa(rng, avoid, max_turns=4):
+    """One picture, one to max_turns questions about it (LLaVA-style multi-turn: more answers per image)."""
+    scene, turns, qtypes = random_scene(rng), [], []
+    for _ in range(rng.randint(1, max_turns)):
+        qa = None
+        while qa is None or qa[0] in turns:  # a type this scene cannot pose, or a repeat: another one
+            qtype = rng.choice(QA_TYPES)
+            qa = image_question(rng, scene, qtype)
+        turns += list(qa)
+        qtypes.append(qtype)
+    turns[0] = f"<image>\n{turns[0]}"
+    return turns, [render(scene)], {"qtype": qtypes[0], "qtypes": qtypes, "scenes": [scene]}
 
 
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
@@ -270,13 +275,12 @@ def task_video_qa(rng, avoid):
         shown = names if rng.random() < 0.5 else names[::-1]
         question, answer, qtype = f"Which moves first, {shown[0]} or {shown[1]}?", names[0][4:], "order"
     human = "<image>" * n + f"\nThese are the frames of a video. {question}"
-    return human, answer, [render(s) for s in frames], {"qtype": qtype, "scenes": frames}
+    return [human, answer], [render(s) for s in frames], {"qtype": qtype, "scenes": frames}
 
 
 def task_generation(rng, avoid):
     scene = random_scene(rng, avoid=avoid)
-    human, gpt = generation_turns(rng, describe(scene))
-    return human, gpt, [render(scene)], {"scenes": [scene]}
+    return generation_turns(rng, describe(scene)), [render(scene)], {"scenes": [scene]}
 
 
 def edit_instruction(rng, scene, avoid):
@@ -305,7 +309,7 @@ def task_image_edit(rng, avoid):
     scene = random_scene(rng, avoid=avoid)
     instruction, edited = edit_instruction(rng, scene, avoid)
     edited = sorted(edited, key=lambda o: (o["y"], o["x"]))
-    return f"<image>\n{instruction}", "<image>", [render(scene), render(edited)], {"scenes": [scene, edited]}
+    return [f"<image>\n{instruction}", "<image>"], [render(scene), render(edited)], {"scenes": [scene, edited]}
 
 
 def task_video_prediction(rng, avoid):
@@ -326,8 +330,8 @@ def task_video_prediction(rng, avoid):
             rng.shuffle(order)
         shown, target, ask = [frames[i] for i in order], frames, "These video frames are shuffled. Put them in order."
     human = "<image>" * len(shown) + "\n" + ask
-    return human, "<image>" * len(target), [render(s) for s in shown + target], {"qtype": kind,
-                                                                                 "scenes": shown + target}
+    return [human, "<image>" * len(target)], [render(s) for s in shown + target], {"qtype": kind,
+                                                                                   "scenes": shown + target}
 
 
 def task_visual_thinking(rng, avoid):
@@ -340,7 +344,7 @@ def task_visual_thinking(rng, avoid):
     img = render(scene)
     human = f"<image>\nThink visually before you answer. {question}"
     crop = {"zoom_of": pos, "shape": o["shape"], "colour": o["colour"]}
-    return human, f"<image>\n{o[key]}", [img, zoom(img, o["x"], o["y"])], {"qtype": key, "scenes": [scene, [crop]]}
+    return [human, f"<image>\n{o[key]}"], [img, zoom(img, o["x"], o["y"])], {"qtype": key, "scenes": [scene, [crop]]}
 
 
 def task_generation_riddle(rng, avoid):
@@ -354,8 +358,7 @@ def task_generation_riddle(rng, avoid):
     size, (x, y) = rng.choice(list(HALF)), rng.choice([(x, y) for y in CENTRES for x in CENTRES])
     request = f"a {size} {clue} in the colour of {article(thing)} {thing}, in the {position_name(x, y)}"
     scene = [{"shape": clues[clue], "colour": COLOUR_OF[thing], "size": size, "x": x, "y": y}]
-    human, gpt = generation_turns(rng, request)
-    return human, gpt, [render(scene)], {"scenes": [scene]}
+    return generation_turns(rng, request), [render(scene)], {"scenes": [scene]}
 
 
 def task_generation_heldout(rng, avoid):
@@ -366,8 +369,7 @@ def task_generation_heldout(rng, avoid):
         if not any((o["colour"], o["shape"]) in HELDOUT_COMBOS for o in scene):
             break
     scene[0] = dict(scene[0], colour=colour, shape=shape)
-    human, gpt = generation_turns(rng, describe(scene))
-    return human, gpt, [render(scene)], {"scenes": [scene]}
+    return generation_turns(rng, describe(scene)), [render(scene)], {"scenes": [scene]}
 
 
 TASKS = {"caption": task_caption, "image_qa": task_image_qa, "video_qa": task_video_qa,
@@ -382,14 +384,14 @@ def write_task(root, split, name, make, count, rng, avoid):
     os.makedirs(os.path.join(root, "images", split, name), exist_ok=True)
     with open(os.path.join(root, split, f"{name}.jsonl"), "w") as f:
         for i in range(count):
-            human, gpt, images, meta = make(rng, avoid)
+            turns, images, meta = make(rng, avoid)
             sid = f"{split}-{name}-{i:06d}"
             paths = [f"images/{split}/{name}/{sid}-{k}.png" for k in range(len(images))]
             for path, img in zip(paths, images):
                 img.save(os.path.join(root, path))
-            assert human.count("<image>") + gpt.count("<image>") == len(images), sid
-            sample = {"id": sid, "task": task, "images": paths, "meta": meta,
-                      "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
+            assert sum(t.count("<image>") for t in turns) == len(images), sid
+            conversations = [{"from": ("human", "gpt")[k % 2], "value": t} for k, t in enumerate(turns)]
+            sample = {"id": sid, "task": task, "images": paths, "meta": meta, "conversations": conversations}
             f.write(json.dumps(sample) + "\n")
 
 

@@ -43,7 +43,7 @@ micro_batch_size = 16  # per process; gradient accumulation makes up the global 
 max_seq_len = 1024
 vision_loss_weight = 1.0  # Sec. 2: total = CE + 1.0 x cosine term
 grad_clip = 1.0
-dtype = "float32"  # "bfloat16": autocast where the hardware has it
+dtype = "auto"  # "auto": bf16 autocast where the hardware has it (a CUDA GPU with bf16), else fp32; or "bfloat16"
 grad_checkpointing = False
 deepspeed_config = ""  # e.g. configs/zero3.json: the DeepSpeed engine does backward and step
 log_interval = 10
@@ -122,6 +122,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
     accum = hp["batch_size"] // (hp["micro_batch_size"] * world)
     assert accum * hp["micro_batch_size"] * world == hp["batch_size"], \
         f"batch_size {hp['batch_size']} is not a multiple of micro_batch_size x world size"
+    bf16 = hp["dtype"] == "bfloat16" or (hp["dtype"] == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     micro_batches = [b for epoch in range(hp["epochs"]) for b in
                      length_grouped_batches(train_set.lengths(), hp["micro_batch_size"], hp["seed"] + epoch)]
     total_steps = len(micro_batches) // (accum * world)
@@ -145,7 +146,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
         ds_config = json.load(open(hp["deepspeed_config"]))
         ds_config.update(train_micro_batch_size_per_gpu=hp["micro_batch_size"], gradient_accumulation_steps=accum,
                          train_batch_size=hp["batch_size"], gradient_clipping=hp["grad_clip"],
-                         bf16={"enabled": hp["dtype"] == "bfloat16"}, zero_allow_untested_optimizer=True)
+                         bf16={"enabled": bf16}, zero_allow_untested_optimizer=True)
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                lr_scheduler=scheduler, config=ds_config)
         if os.path.exists(os.path.join(ckpt, "deepspeed")):
@@ -153,7 +154,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             step = client_state["step"]
     elif world > 1:
         engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=hp["dtype"] == "bfloat16" and not hp["deepspeed_config"])
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and not hp["deepspeed_config"])
     os.makedirs(os.path.join(hp["out_dir"], "logs"), exist_ok=True)
     log = open(os.path.join(hp["out_dir"], "logs", f"{name}.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, desc=name, disable=rank != 0)

@@ -56,7 +56,7 @@ def test_every_task_in_both_splits_with_matching_placeholders(world):
             for s in rows:
                 assert s["task"] == task
                 turns = s["conversations"]
-                assert [t["from"] for t in turns] == ["human", "gpt"]
+                assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and turns
                 assert sum(t["value"].count("<image>") for t in turns) == len(s["images"])
                 assert len(s["meta"]["scenes"]) == len(s["images"])
                 assert all(os.path.exists(os.path.join(world, p)) for p in s["images"])
@@ -64,12 +64,15 @@ def test_every_task_in_both_splits_with_matching_placeholders(world):
 
 def test_task_formats(world):
     qa = samples(world, "train", "image_qa")
-    assert {s["meta"]["qtype"] for s in qa} == set(toyworld.QA_TYPES)
+    assert {q for s in qa for q in s["meta"]["qtypes"]} == set(toyworld.QA_TYPES)
+    assert max(len(s["conversations"]) for s in qa) > 2  # some conversations ask several questions
     for s in qa:
-        answer = s["conversations"][1]["value"]
-        assert "<image>" not in answer and s["conversations"][0]["value"].startswith("<image>\n")
-        if s["meta"]["qtype"] == "multiple_choice":
-            assert answer in "ABCD" and "\nA. " in s["conversations"][0]["value"]
+        turns = [t["value"] for t in s["conversations"]]
+        assert turns[0].startswith("<image>\n") and sum(t.count("<image>") for t in turns) == 1
+        assert len(set(turns[0::2])) == len(turns) // 2 == len(s["meta"]["qtypes"])  # no question twice
+        for question, answer, qtype in zip(turns[0::2], turns[1::2], s["meta"]["qtypes"]):
+            if qtype == "multiple_choice":
+                assert answer in "ABCD" and "\nA. " in question
     for s in samples(world, "train", "generation"):
         assert s["conversations"][1]["value"].endswith("<image>") and "<image>" not in s["conversations"][0]["value"]
     for s in samples(world, "train", "video_qa"):
