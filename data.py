@@ -84,6 +84,14 @@ class ConversationData:
         return collate([self.built[i] for i in indices], [v.flatten(0, 1) for v in visual], self.pad_id)
 
 
+def stage_data(data_dir, mixture, val_per_task, tokenizer, tokens_dir, max_seq_len, num_visual_tokens=64):
+    """A stage's training set (the mixture from the train split) and one val set per task (val split)."""
+    load = lambda split, mix, desc: ConversationData(load_mixture(data_dir, split, mix), tokenizer, tokens_dir,
+                                                     max_seq_len, num_visual_tokens, desc=desc)
+    return load("train", mixture, "tokenize train"), {task: load("val", {task: val_per_task}, f"tokenize val {task}")
+                                                      for task in mixture}
+
+
 def length_grouped_batches(lengths, batch_size, seed, group=64):
     """Shuffle, then sort within groups of group*batch_size samples by length and cut into batches: batches of
     similar lengths (little padding) in a random order. Deterministic from seed."""

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from data import ConversationData, load_mixture
+from data import stage_data
 from encode import TokenCache
 from model import MetaMorph
 from train_vpit import setup_distributed, train, val_losses
@@ -74,10 +74,8 @@ def main():
         model.load_heads(ckpt)
     params = freeze_all_but_adapter(model)
     model.to(dev)
-    data = lambda split, mix, desc: ConversationData(load_mixture(data_dir, split, mix), model.tokenizer, tokens_dir,
-                                                     max_seq_len, num_visual_tokens, desc=desc)
-    train_set = data("train", adapter_data, "tokenize train")
-    val_sets = {task: data("val", {task: adapter_val}, f"tokenize val {task}") for task in adapter_data}
+    train_set, val_sets = stage_data(data_dir, adapter_data, adapter_val, model.tokenizer, tokens_dir, max_seq_len,
+                                     num_visual_tokens)
     if rank == 0:
         print(f"stage 1: {sum(p.numel() for p in model.adapter.parameters()) / 1e6:.2f}M adapter parameters + 2 "
               f"delimiter rows, {len(train_set)} conversations, world size {world}")

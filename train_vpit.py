@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import ConversationData, length_grouped_batches, load_mixture
+from data import length_grouped_batches, stage_data
 from encode import TokenCache
 from model import MetaMorph, build_sample
 
@@ -259,10 +259,8 @@ def main():
     model.to(dev)
     if grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
-    data = lambda split, mix, desc: ConversationData(load_mixture(data_dir, split, mix), model.tokenizer, tokens_dir,
-                                                     max_seq_len, num_visual_tokens, desc=desc)
-    train_set = data("train", vpit_data, "tokenize train")
-    val_sets = {task: data("val", {task: vpit_val}, f"tokenize val {task}") for task in vpit_data}
+    train_set, val_sets = stage_data(data_dir, vpit_data, vpit_val, model.tokenizer, tokens_dir, max_seq_len,
+                                     num_visual_tokens)
     params = [p for p in model.parameters() if p.requires_grad]  # everything but the vision tower (not in here)
     if rank == 0:
         print(f"stage 2: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {len(train_set)} "
