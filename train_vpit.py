@@ -167,10 +167,9 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             batch = to_device(train_set.batch(idx), dev)
             tokens += int(batch["attention_mask"].sum()) * world
             targets += int(batch["vision_mask"].sum())
-            sync = k == accum - 1 or world == 1 or hp["deepspeed_config"]
-            ctx = engine.no_sync() if not sync and isinstance(engine, torch.nn.parallel.DistributedDataParallel) \
-                else torch.enable_grad()
-            with ctx, amp:
+            ddp = isinstance(engine, torch.nn.parallel.DistributedDataParallel)
+            sync = engine.no_sync() if ddp and k < accum - 1 else contextlib.nullcontext()  # all-reduce once a step
+            with sync, amp:
                 loss, text_loss, vision_loss = engine(**batch, vision_loss_weight=hp["vision_loss_weight"])
             if hp["deepspeed_config"]:
                 engine.backward(loss)
