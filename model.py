@@ -46,13 +46,14 @@ class MetaMorph(nn.Module):
             raise FileNotFoundError(f"LLM not found at {llm_path} (for the toy stand-in run `python pretrain_tiny.py`)")
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
         llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_START, IMAGE_END]})
-        embeddings = llm.get_input_embeddings().weight
-        old = embeddings.shape[0]
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        vocab = len(tokenizer)
+        tokenizer.add_tokens([IMAGE_START, IMAGE_END], special_tokens=True)
+        ids = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+        # (some LLMs pad their embedding table beyond the tokenizer: never shrink it)
+        llm.resize_token_embeddings(max(len(tokenizer), llm.get_input_embeddings().weight.shape[0]), mean_resizing=False)
         with torch.no_grad():  # released code: new rows = mean of the existing rows
             for w in {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}:
-                w[old:] = w[:old].mean(0)
+                w[ids] = w[:vocab].mean(0)
         return cls(llm, tokenizer, vision_dim, num_visual_tokens)
 
     def save_pretrained(self, path):
