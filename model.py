@@ -24,6 +24,15 @@ IGNORE = -100
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
+def save_atomically(save, path):
+    """save(tmp) writes a folder; it replaces path only once complete, so a crash leaves the previous one intact."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
 def mlp(d_in, d_hidden, d_out):
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
@@ -59,13 +68,12 @@ class MetaMorph(nn.Module):
     def save_pretrained(self, path):
         """path/llm (save_pretrained: weights, config, tokenizer) + path/metamorph.safetensors + path/metamorph.json.
         Written to a temporary folder first, so a crash leaves the previous checkpoint intact."""
-        tmp = path.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.llm.save_pretrained(os.path.join(tmp, "llm"))
-        self.tokenizer.save_pretrained(os.path.join(tmp, "llm"))
-        self.save_heads(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        def save(tmp):
+            self.llm.save_pretrained(os.path.join(tmp, "llm"))
+            self.tokenizer.save_pretrained(os.path.join(tmp, "llm"))
+            self.save_heads(tmp)
+
+        save_atomically(save, path)
 
     def delimiter_rows(self):
         """The trainable rows of stage 1 besides the adapter: <image_start>, <image_end> in the embedding table(s)."""

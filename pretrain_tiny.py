@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
+from model import save_atomically
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -56,15 +56,6 @@ vae_kl_weight = 1e-6
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
                  "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def save_atomically(save, path):
-    """save(tmp) writes a folder; it replaces path only once complete, so a crash never leaves half a model."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
 
 
 def train(params, loss_fn, steps, lr, desc):

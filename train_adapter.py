@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from data import stage_data
 from encode import TokenCache
-from model import MetaMorph
+from model import MetaMorph, save_atomically
 from train_vpit import setup_distributed, train, val_losses
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,9 +89,7 @@ def main():
         report = {"minutes": (time.time() - t0) / 60,
                   "val": val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())}
         if rank == 0:
-            tmp = stage_dir + ".tmp"
-            model.save_heads(tmp)
-            os.replace(tmp, stage_dir)
+            save_atomically(model.save_heads, stage_dir)
             shutil.rmtree(ckpt, ignore_errors=True)
             json.dump(report, open(os.path.join(out_dir, "logs", "adapter_report.json"), "w"), indent=1)
             print(json.dumps(report, indent=1))

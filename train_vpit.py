@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data import length_grouped_batches, stage_data
 from encode import TokenCache
-from model import MetaMorph, build_sample
+from model import MetaMorph, build_sample, save_atomically
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -103,15 +103,10 @@ def val_losses(model, val_sets, micro_batch, dev, amp):
 
 
 def save_checkpoint(path, model, save_model, optimizer, scheduler, step):
-    """Atomic: model + trainer state into path.tmp, then renamed over path."""
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
-               os.path.join(tmp, "trainer.pt"))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    """Atomic: the model in its stage's format + the trainer state (optimizer, schedule, step, RNG)."""
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+             "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
+    save_atomically(lambda tmp: (save_model(model, tmp), torch.save(state, os.path.join(tmp, "trainer.pt"))), path)
 
 
 def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, world=1, dev=torch.device("cpu")):
