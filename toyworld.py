@@ -73,11 +73,11 @@ def render(scene, size=SIZE):
     return img
 
 
-def zoom(img, x, y, box=24):
-    """Visual thinking: crop a box around (x, y) and blow it up to the full image size."""
-    x0 = min(max(x - box // 2, 0), SIZE - box)
-    y0 = min(max(y - box // 2, 0), SIZE - box)
-    return img.crop((x0, y0, x0 + box, y0 + box)).resize((SIZE, SIZE), Image.NEAREST)
+def zoom(img, x, y, box=24, size=SIZE, resample=Image.NEAREST):
+    """Visual thinking: a box x box square around (x, y), kept inside the picture, blown up to size x size."""
+    x0 = min(max(x - box // 2, 0), img.width - box)
+    y0 = min(max(y - box // 2, 0), img.height - box)
+    return img.crop((x0, y0, x0 + box, y0 + box)).resize((size, size), resample)
 
 
 # ---- the scene reader (GenEval-style scoring of generated pictures) -------------------------------------------------
@@ -170,6 +170,42 @@ def caption(rng, scene):
 
 def generation_turns(rng, request):
     return [rng.choice(GEN_PROMPTS).format(request), rng.choice(GEN_RESPONSES)]
+
+
+# The turns of the other tasks, in one place: prepare.py phrases real data the same way.
+def video_qa_turns(n_frames, question, answer):
+    return ["<image>" * n_frames + f"\nThese are the frames of a video. {question}", answer]
+
+
+def edit_turns(instruction):
+    return [f"<image>\n{instruction}", "<image>"]  # App. C: "<image> Make this a rainy day." -> "<image>"
+
+
+def thinking_turns(question, answer):
+    return [f"<image>\nThink visually before you answer. {question}", f"<image>\n{answer}"]
+
+
+VIDEO_PREDICTIONS = ["forward", "partial", "reverse", "reorder"]
+
+
+def frame_prediction(rng, kind, frames):
+    """App. C.2: one of the four video prediction tasks on a clip of frames (scenes or image paths alike):
+    ([human, gpt], the frames in placeholder order)."""
+    n = len(frames)
+    if kind == "forward":
+        shown, target, ask = frames[:-1], frames[-1:], "What is the next frame of this video?"
+    elif kind == "reverse":
+        shown, target, ask = frames[1:], frames[:1], "These are the last frames of a video. What frame came before them?"
+    elif kind == "partial":
+        k = rng.randrange(1, n - 1)
+        shown, target = frames[:k] + frames[k + 1:], frames[k:k + 1]
+        ask = f"Frame {k + 1} of this video is missing. What is frame {k + 1}?"
+    else:
+        order = list(range(n))
+        while order == sorted(order):
+            rng.shuffle(order)
+        shown, target, ask = [frames[i] for i in order], frames, "These video frames are shuffled. Put them in order."
+    return ["<image>" * len(shown) + "\n" + ask, "<image>" * len(target)], shown + target
 
 
 # ---- the tasks: each returns ([human, gpt, human, gpt, ...] texts, images, meta) -----------------------------------
@@ -274,8 +310,7 @@ def task_video_qa(rng, avoid):
         names = [f"the {a['colour']} {a['shape']}", f"the {b['colour']} {b['shape']}"]
         shown = names if rng.random() < 0.5 else names[::-1]
         question, answer, qtype = f"Which moves first, {shown[0]} or {shown[1]}?", names[0][4:], "order"
-    human = "<image>" * n + f"\nThese are the frames of a video. {question}"
-    return [human, answer], [render(s) for s in frames], {"qtype": qtype, "scenes": frames}
+    return video_qa_turns(n, question, answer), [render(s) for s in frames], {"qtype": qtype, "scenes": frames}
 
 
 def task_generation(rng, avoid):
@@ -309,29 +344,15 @@ def task_image_edit(rng, avoid):
     scene = random_scene(rng, avoid=avoid)
     instruction, edited = edit_instruction(rng, scene, avoid)
     edited = sorted(edited, key=lambda o: (o["y"], o["x"]))
-    return [f"<image>\n{instruction}", "<image>"], [render(scene), render(edited)], {"scenes": [scene, edited]}
+    return edit_turns(instruction), [render(scene), render(edited)], {"scenes": [scene, edited]}
 
 
 def task_video_prediction(rng, avoid):
     """App. C.2: forward prediction, partial-sequence completion, reverse prediction, temporal reordering."""
-    kind, n = rng.choice(["forward", "partial", "reverse", "reorder"]), rng.randint(4, 5)
+    kind, n = rng.choice(VIDEO_PREDICTIONS), rng.randint(4, 5)
     frames, _ = random_video(rng, n, rng.randint(1, 2), avoid)
-    if kind == "forward":
-        shown, target, ask = frames[:-1], frames[-1:], "What is the next frame of this video?"
-    elif kind == "reverse":
-        shown, target, ask = frames[1:], frames[:1], "These are the last frames of a video. What frame came before them?"
-    elif kind == "partial":
-        k = rng.randrange(1, n - 1)
-        shown, target = frames[:k] + frames[k + 1:], frames[k:k + 1]
-        ask = f"Frame {k + 1} of this video is missing. What is frame {k + 1}?"
-    else:
-        order = list(range(n))
-        while order == sorted(order):
-            rng.shuffle(order)
-        shown, target, ask = [frames[i] for i in order], frames, "These video frames are shuffled. Put them in order."
-    human = "<image>" * len(shown) + "\n" + ask
-    return [human, "<image>" * len(target)], [render(s) for s in shown + target], {"qtype": kind,
-                                                                                   "scenes": shown + target}
+    turns, ordered = frame_prediction(rng, kind, frames)
+    return turns, [render(s) for s in ordered], {"qtype": kind, "scenes": ordered}
 
 
 def task_visual_thinking(rng, avoid):
@@ -342,9 +363,8 @@ def task_visual_thinking(rng, avoid):
     question = f"What colour is the {o['size']} shape in the {pos}?" if key == "colour" else \
         f"What shape is the {o['colour']} object in the {pos}?"
     img = render(scene)
-    human = f"<image>\nThink visually before you answer. {question}"
     crop = {"zoom_of": pos, "shape": o["shape"], "colour": o["colour"]}
-    return [human, f"<image>\n{o[key]}"], [img, zoom(img, o["x"], o["y"])], {"qtype": key, "scenes": [scene, [crop]]}
+    return thinking_turns(question, o[key]), [img, zoom(img, o["x"], o["y"])], {"qtype": key, "scenes": [scene, [crop]]}
 
 
 def task_generation_riddle(rng, avoid):
