@@ -5,8 +5,9 @@ nanoGPT-style configuration. A stage script declares its knobs as plain globals 
 
 which applies, in order: a config file (first argument ending in .py; configs/tiny.py when none is given), then
 `--key=value` or `--key value` overrides. Values are parsed as Python literals (falling back to a plain string) and
-must have the type of the default. A config file is shared by every stage, so it may hold keys another stage
-declares; a key that no stage declares is an error, as is an override this script does not declare.
+must have the type of the default; a list knob given plain values collects them (--image a.png --image b.png).
+A config file is shared by every stage, so it may hold keys another stage declares; a key that no stage declares is
+an error, as is an override this script does not declare.
 """
 import ast
 import os
@@ -97,10 +98,14 @@ def configure(g, argv=None):
     for key, value in file_values.items():
         if key in defaults:
             g[key] = checked(key, value, defaults[key], config_file)
+    repeated = {}
     for key, text in pairs:
         if key not in defaults:
             raise ValueError(f"unknown config key '{key}' (command line): known keys are {sorted(defaults)}")
         value = text if isinstance(defaults[key], str) else parse_value(text)  # a prompt stays a string
+        if isinstance(defaults[key], list) and not isinstance(value, list):  # repeatable: --image a.png --image b.png
+            value = repeated.setdefault(key, [])
+            value.append(text)
         g[key] = checked(key, value, defaults[key], "command line")
     g["config_file"] = config_file
     return {k: g[k] for k in defaults}

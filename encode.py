@@ -81,6 +81,11 @@ def visual_tokens(vision_model, pixel_values, num_tokens=64):
     return interpolate_tokens(out.hidden_states[-1], num_tokens)
 
 
+def image_tokens(vision_model, processor, images, num_tokens=64):
+    """PIL images -> float32 (len(images), num_tokens, d) visual tokens (sample.py and eval.py encode with this too)."""
+    return visual_tokens(vision_model, processor(images=images, return_tensors="pt")["pixel_values"], num_tokens)
+
+
 # ---- the inputs ------------------------------------------------------------------------------------------------------
 def load_image(path):
     """An RGB PIL image, or an error that names the file."""
@@ -224,8 +229,8 @@ def main():
                 else:
                     raise error
             if images:
-                pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-                pending_tokens += list(visual_tokens(model, pixels, num_visual_tokens).to("cpu", torch.float16))
+                tokens = image_tokens(model, processor, images, num_visual_tokens)
+                pending_tokens += list(tokens.to("cpu", torch.float16))
                 pending_paths += good
             while len(pending_paths) >= encode_shard_size:
                 write_shard(tokens_dir, index, pending_paths[:encode_shard_size], pending_tokens[:encode_shard_size])

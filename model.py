@@ -225,31 +225,40 @@ def chat_segments(tokenizer, conversations, add_generation_prompt=False):
     return [(text, assistant) for text, assistant in segments if text]
 
 
+def encode_text(tokenizer, text, first_image=0, num_visual_tokens=64):
+    """Text with <image> placeholders -> (ids, slots). Each placeholder becomes <image_start> + num_visual_tokens slots
+    + <image_end>; the slots of the i-th image (counting from first_image) index visual tokens i*n ... i*n + n-1, and
+    hold the pad id in ids. Everything else has slot -1."""
+    start_id, end_id = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n, ids, slots = num_visual_tokens, [], []
+    for k, piece in enumerate(text.split(IMAGE)):
+        if k > 0:  # an <image> stood before this piece
+            image = first_image + k - 1
+            ids += [start_id] + [pad] * n + [end_id]
+            slots += [-1] + list(range(image * n, (image + 1) * n)) + [-1]
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        ids += piece_ids
+        slots += [-1] * len(piece_ids)
+    return ids, slots
+
+
 def build_sample(tokenizer, conversations, num_images, num_visual_tokens=64, add_generation_prompt=False):
     """One conversation -> dict of 1-D tensors of one length:
     input_ids (slots hold the pad id), slots (index of the visual token at each image slot, else -1),
     labels (text targets: assistant text and image delimiters, else IGNORE),
     vision_mask (True on the slots of images inside assistant turns: the vision-loss targets).
     add_generation_prompt: a prompt for generate(), ending where the assistant's reply begins."""
-    start_id, end_id = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, slots, labels, vision, image = [], [], [], [], 0
+    ids, slots, labels, vision, images = [], [], [], [], 0
     for text, assistant in chat_segments(tokenizer, conversations, add_generation_prompt):
-        for k, piece in enumerate(text.split(IMAGE)):
-            if k > 0:  # an <image> stood before this piece
-                n = num_visual_tokens
-                ids += [start_id] + [pad] * n + [end_id]
-                slots += [-1] + list(range(image * n, (image + 1) * n)) + [-1]
-                labels += [start_id if assistant else IGNORE] + [IGNORE] * n + [end_id if assistant else IGNORE]
-                vision += [False] + [assistant] * n + [False]
-                image += 1
-            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-            ids += piece_ids
-            slots += [-1] * len(piece_ids)
-            labels += piece_ids if assistant else [IGNORE] * len(piece_ids)
-            vision += [False] * len(piece_ids)
-    if image != num_images:
-        raise ValueError(f"{image} <image> placeholders but {num_images} images")
+        seg_ids, seg_slots = encode_text(tokenizer, text, images, num_visual_tokens)
+        images += text.count(IMAGE)
+        ids += seg_ids
+        slots += seg_slots
+        labels += [i if assistant and s < 0 else IGNORE for i, s in zip(seg_ids, seg_slots)]  # delimiters included
+        vision += [assistant and s >= 0 for s in seg_slots]
+    if images != num_images:
+        raise ValueError(f"{images} <image> placeholders but {num_images} images")
     return {"input_ids": torch.tensor(ids), "slots": torch.tensor(slots), "labels": torch.tensor(labels),
             "vision_mask": torch.tensor(vision)}
 

@@ -112,6 +112,22 @@ def read_scene(img, min_area=12):
     return sorted(objects, key=lambda o: (POSITIONS.index(o["position"]), o["x"]))
 
 
+def compare_scenes(target, read):
+    """How a picture's scene (read back by read_scene) matches the scene it should show (GenEval-style). For each
+    target object, at its grid cell: `position` something is there; `shape`, `colour`, `size` something there has it
+    right; `shape_colour` and `object` one thing there has both, or all three. For the picture: `count` as many
+    objects as the target; `scene` every object right and nothing else. Returns (per-object dicts, picture dict)."""
+    objects = []
+    for o in target:
+        here = [r for r in read if r["position"] == position_name(o["x"], o["y"])]
+        right = lambda *keys: any(all(r[k] == o[k] for k in keys) for r in here)
+        objects.append({"position": bool(here), "shape": right("shape"), "colour": right("colour"),
+                        "size": right("size"), "shape_colour": right("shape", "colour"),
+                        "object": right("shape", "colour", "size")})
+    count = len(read) == len(target)
+    return objects, {"count": count, "scene": count and all(o["object"] for o in objects)}
+
+
 # ---- scenes and their language ---------------------------------------------------------------------------------------
 def random_object(rng, x, y, avoid=()):
     while True:
@@ -462,15 +478,8 @@ def main():
 
 
 def scene_reader_accuracy(scenes):
-    right = total = 0
-    for scene in scenes:
-        read = read_scene(render(scene))
-        keys = ("shape", "colour", "size")
-        for o in scene:
-            total += 1
-            right += any(all(r[k] == o[k] for k in keys) and r["position"] == position_name(o["x"], o["y"])
-                         for r in read)
-    return right / max(total, 1)
+    scores = [o["object"] for scene in scenes for o in compare_scenes(scene, read_scene(render(scene)))[0]]
+    return sum(scores) / max(len(scores), 1)
 
 
 if __name__ == "__main__":
