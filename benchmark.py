@@ -2,19 +2,25 @@
 Speed measurements, each a ratio against a baseline run on the same machine in the same run.
 
     python benchmark.py --what=batching     # train_vpit's length-grouped batches vs plainly padded random batches
+    python benchmark.py --what=generation   # 64 visual tokens: model.generate's KV cache vs recomputing every step
 
 batching: the same conversations, model, micro-batch size and number of optimizer steps; throughput counts real
 (non-padding) tokens per second, so padding shows up as lost speed.
+generation: one picture (64 vision-mode steps) after an image-edit prompt of about 100 positions, greedy, with the KV
+cache against recomputing the whole sequence for every new token as the released code does; same model, same prompt,
+and the two must produce the same tokens. bench_llm_path="" uses the trained run (out_dir/vpit); a path to any HF LLM
+(e.g. the SmolLM2 conversion) times a bigger model with fresh heads, its LM head set to open an image at once.
 """
 import json
 import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 from data import ConversationData, length_grouped_batches, load_mixture, random_batches
 from encode import TokenCache
-from model import MetaMorph
+from model import MetaMorph, build_sample
 
 # ---------------------------------------------------------------------------------------------------------------------
 what = "batching"
@@ -27,6 +33,8 @@ vpit_data = {"image_qa": 512, "video_qa": 128, "generation": 256, "image_edit": 
 micro_batch_size = 16
 max_seq_len = 1024
 bench_steps = 40
+bench_llm_path = ""  # generation: "" = the trained out_dir/vpit, else an HF LLM folder with fresh heads
+bench_repeats = 3
 seed = 1337
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -64,11 +72,79 @@ def bench_batching():
     return results
 
 
+@torch.no_grad()
+def generate_recomputing(model, input_ids, slots, visual_tokens, max_new_tokens=64):
+    """model.generate() (greedy) without a KV cache, as the released code generates: the whole sequence is run
+    again for every new token, text or visual. Returns the same pieces."""
+    ids, slots, visual = input_ids.tolist(), slots.tolist(), list(visual_tokens)
+    last_hidden = lambda: model.hidden_states(torch.tensor([ids]), torch.tensor([slots]), torch.stack(visual)
+                                              if visual else visual_tokens)[0, -1]
+    pieces, text = [], []
+    for _ in range(max_new_tokens):
+        token = int(model.llm.get_output_embeddings()(last_hidden()).argmax())
+        if token in model.stop_ids():
+            break
+        text.append(token)
+        ids, slots = ids + [token], slots + [-1]
+        if token != model.image_start_id:
+            continue
+        image = []
+        for _ in range(model.num_visual_tokens):
+            image.append(F.normalize(model.vision_head(last_hidden()).float(), dim=-1))
+            ids, slots = ids + [0], slots + [len(visual)]
+            visual.append(image[-1])
+        pieces += [text, torch.stack(image)]
+        text, ids, slots = [model.image_end_id], ids + [model.image_end_id], slots + [-1]
+    pieces.append(text)
+    return pieces
+
+
+def edit_prompt(model, cache):
+    """The first val image_edit conversation as a prompt: its input image and instruction (about 100 positions)."""
+    sample = load_mixture(data_dir, "val", {"image_edit": 1})[0]
+    prompt = build_sample(model.tokenizer, sample["conversations"][:1], 1, num_visual_tokens,
+                          add_generation_prompt=True)
+    return prompt, cache.get_many(sample["images"][:1]).flatten(0, 1).float()
+
+
+def bench_generation():
+    cache = TokenCache(os.path.join(out_dir, "tokens"))
+    if bench_llm_path:
+        model = MetaMorph.from_llm(bench_llm_path, cache.dim, num_visual_tokens)
+        with torch.no_grad():  # open an image at once: the image_start row of the LM head dominates every other
+            model.llm.get_output_embeddings().weight[model.image_start_id] *= 1e3
+    else:
+        model = MetaMorph.from_pretrained(os.path.join(out_dir, "vpit"))
+    model.eval()
+    prompt, visual = edit_prompt(model, cache)
+    args = (prompt["input_ids"], prompt["slots"], visual)
+
+    def timed(fn):
+        times = []
+        for _ in range(bench_repeats):
+            start = time.time()
+            pieces = fn()
+            times.append(time.time() - start)
+        return min(times), pieces
+
+    cached_s, cached = timed(lambda: model.generate(*args, max_new_tokens=1)[0])
+    recompute_s, recomputed = timed(lambda: generate_recomputing(model, *args, max_new_tokens=1))
+    assert len(cached) == 3 and cached[0] == recomputed[0] == [model.image_start_id], "no picture was generated"
+    assert torch.allclose(cached[1], recomputed[1], atol=1e-4), "KV cache and recomputation disagree"
+    results = {"model": bench_llm_path or os.path.join(out_dir, "vpit"), "prompt_positions": len(args[0]),
+               "visual_tokens": num_visual_tokens, "kv_cache_s": cached_s, "recompute_s": recompute_s,
+               "speedup": recompute_s / cached_s}
+    print(f"{results['model']}: {num_visual_tokens} visual tokens after a {len(args[0])}-position prompt, best of "
+          f"{bench_repeats}: KV cache {cached_s:.3f}s, recompute {recompute_s:.3f}s -> {results['speedup']:.1f}x")
+    return results
+
+
 if __name__ == "__main__":
     from configurator import configure
 
     configure(globals())
     torch.manual_seed(seed)
-    result = {"batching": bench_batching}[what]()
+    result = {"batching": bench_batching, "generation": bench_generation}[what]()
     os.makedirs(os.path.join(out_dir, "bench"), exist_ok=True)
-    json.dump(result, open(os.path.join(out_dir, "bench", f"{what}.json"), "w"), indent=1)
+    name = what + (f"-{os.path.basename(bench_llm_path.rstrip('/'))}" if what == "generation" and bench_llm_path else "")
+    json.dump(result, open(os.path.join(out_dir, "bench", f"{name}.json"), "w"), indent=1)

@@ -152,14 +152,18 @@ class MetaMorph(nn.Module):
         return text_loss + vision_loss_weight * vision_loss, text_loss, vision_loss
 
     # ---- generation with a KV cache ----------------------------------------------------------------------------------
+    def stop_ids(self):
+        """Token ids that end the assistant's turn: the tokenizer's eos and, for Llama-3 templates, <|eot_id|>."""
+        tok = self.tokenizer
+        return {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")} - {None, tok.unk_token_id}
+
     @torch.no_grad()
     def generate(self, input_ids, slots, visual_tokens, max_new_tokens=64, temperature=0.0, top_p=1.0,
                  generator=None, past_key_values=None):
         """Continue one sequence. Text mode until `<image_start>`; then num_visual_tokens steps of vision mode
         (v = normalize(vision_head(h)), next input = adapter(v)); then `<image_end>` and text again (Sec. 2).
         Returns (pieces, cache): pieces alternate lists of token ids and (num_visual_tokens, vision_dim) images."""
-        decoder = self.llm.get_decoder()
-        stop = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|eot_id|>")} - {None}
+        decoder, stop = self.llm.get_decoder(), self.stop_ids()
         embeds = self.embed(input_ids[None], slots[None], visual_tokens)
         pieces, text = [], []
 

@@ -1,0 +1,405 @@
+"""
+Evaluation: the paper's claims are numbers, this makes ours (the released MetaMorph code ships none).
+
+    python eval.py                                         # the toy run: understanding + generation -> out_dir/eval/
+    python eval.py --benchmark_file=mmbench.jsonl          # also any benchmark file in the LLaVA/Cambrian eval layout
+
+Understanding: batched greedy answers, exact match or option letter, per task and question type.
+Generation (GenEval-style on the toy world): prompt -> VPiT visual tokens -> decoder -> pixels -> the toy world's scene
+reader -> accuracy per attribute and per prompt, for seen prompts, held-out compositions and riddles (Sec. 4.2-4.3);
+image_edit and video_prediction against their target scenes; Frechet distance in SigLIP feature space (FD-SigLIP;
+standard FID when `inception_path` names a local TorchScript Inception); a CLIP-score analogue from the SigLIP
+stand-in (the real CLIP score when `clip_path` names a local CLIP); cosine of predicted to true tokens. The ceiling: the
+same metrics on pictures decoded from the TRUE tokens, so a reader sees what the LLM loses and what the decoder loses.
+"""
+import json
+import os
+import re
+import string
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import toyworld
+from data import read_jsonl
+from encode import TokenCache, image_tokens, load_image, load_vision_tower
+from model import IMAGE, MetaMorph, build_sample
+from train_decoder import decode_tokens, load_visualizer
+
+# ---------------------------------------------------------------------------------------------------------------------
+data_dir = "data/toy"
+out_dir = "out/tiny"  # reads out_dir/vpit, out_dir/decoder and out_dir/tokens; writes out_dir/eval
+siglip_path = "out/tiny/base/siglip"
+vae_path = "out/tiny/base/vae"
+num_visual_tokens = 64
+eval_understanding = {"image_qa": 200, "video_qa": 100, "visual_thinking": 64}  # val samples per task
+eval_generation = {"generation": 64, "generation_heldout": 64, "generation_riddle": 64, "image_edit": 64,
+                   "video_prediction": 32}
+eval_batch_size = 32
+eval_max_new_tokens = 24
+decoder_sample_steps = 25
+decoder_guidance = 3.0
+seed = 0
+benchmark_file = ""  # JSONL of {"images": [...], "question": ..., "options": [...]?, "answer": ...}
+benchmark_image_root = ""  # "": the benchmark file's folder
+inception_path = ""  # TorchScript Inception (e.g. inception-2015-12-05.pt): adds standard FID
+clip_path = ""  # a local CLIPModel folder: adds the real CLIP score
+grid_rows = 12
+device = "auto"
+# ---------------------------------------------------------------------------------------------------------------------
+GENERATION_SETS = ("generation", "generation_heldout", "generation_riddle")
+OPTION_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA / Cambrian eval prompt
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------------
+def normalize(text):
+    """Lower case, punctuation and surrounding space removed, inner space collapsed."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+def option_letter(prediction, options=()):
+    """The option letter a reply names: "B", "b", "(b)", "B.", "B) circle", "The answer is B", or an option's text."""
+    text = prediction.strip()
+    found = re.match(r"^\(?([A-Za-z])(?:[).:]|\s|$)", text) or re.search(r"\banswer is \(?([A-Za-z])\b", text, re.I)
+    if found:
+        return found.group(1).upper()
+    for k, option in enumerate(options):
+        if normalize(text) == normalize(option):
+            return string.ascii_uppercase[k]
+    return None
+
+
+def is_correct(prediction, answer, options=()):
+    """Letter scoring when the answer is an option letter, else normalized exact match."""
+    if options or re.fullmatch(r"[A-Z]", answer.strip()):
+        return option_letter(prediction, options) == answer.strip().upper()
+    return normalize(prediction) == normalize(answer)
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to two feature sets (N, d):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64 via symmetric eigendecompositions."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(s_a)
+    root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp(min=0).sqrt().sum()
+    return float(((mu_a - mu_b) ** 2).sum() + s_a.trace() + s_b.trace() - 2 * cross)
+
+
+def mean_of(dicts):
+    """Key-wise mean of a list of dicts of numbers or booleans."""
+    return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]} if dicts else {}
+
+
+# ---- understanding ---------------------------------------------------------------------------------------------------
+def questions(task, samples):
+    """Every assistant text turn as a question: (conversation up to it, its images, answer, question type). Earlier
+    answers in a multi-turn conversation are given (teacher forcing). Visual thinking: the final answer after the image."""
+    out = []
+    for s in samples:
+        turns, types = s["conversations"], s.get("meta", {}).get("qtypes") or [s.get("meta", {}).get("qtype", task)]
+        for k in range(1, len(turns), 2):
+            asked = turns[:k]
+            n_images = sum(t["value"].count(IMAGE) for t in asked)
+            answer = turns[k]["value"].replace(IMAGE, "").strip()
+            out.append((asked, s["images"][:n_images], answer, types[min(k // 2, len(types) - 1)]))
+    return out
+
+
+@torch.no_grad()
+def greedy_answers(model, prompts, visual, max_new_tokens):
+    """Batched greedy decoding of text answers. prompts: built samples (input_ids, slots); visual: their visual tokens
+    (n_images * 64, d) each. Left-padded into one batch with a KV cache; stops when every row has ended its turn."""
+    dev, tok, stop = visual[0].device, model.tokenizer, model.stop_ids()
+    length = max(len(p["input_ids"]) for p in prompts)
+    ids = torch.full((len(prompts), length), tok.pad_token_id or 0, device=dev)
+    slots = torch.full((len(prompts), length), -1, device=dev)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long, device=dev)
+    offset = 0
+    for i, (p, v) in enumerate(zip(prompts, visual)):
+        n = len(p["input_ids"])
+        ids[i, length - n:], mask[i, length - n:] = p["input_ids"], 1
+        slots[i, length - n:] = torch.where(p["slots"] >= 0, p["slots"] + offset, -1)
+        offset += len(v)
+    embeds = model.embed(ids, slots, torch.cat(visual))
+    decoder, head, cache = model.llm.get_decoder(), model.llm.get_output_embeddings(), None
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    answers, done = [[] for _ in prompts], torch.zeros(len(prompts), dtype=torch.bool, device=dev)
+    for _ in range(max_new_tokens):
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position, past_key_values=cache,
+                      use_cache=True)
+        cache, token = out.past_key_values, head(out.last_hidden_state[:, -1]).argmax(-1)
+        done |= torch.tensor([int(t) in stop for t in token], device=dev)
+        if done.all():
+            break
+        for i in (~done).nonzero()[:, 0].tolist():
+            answers[i].append(int(token[i]))
+        embeds = model.llm.get_input_embeddings()(token)[:, None]
+        mask, position = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1), position[:, -1:] + 1
+    return [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+
+def answer_all(model, cache, items, dev, options=None):
+    """items: (conversation, image paths, answer, type) -> list of (prediction, correct)."""
+    results = []
+    for i in tqdm(range(0, len(items), eval_batch_size), desc="answer", leave=False):
+        batch = items[i:i + eval_batch_size]
+        prompts = [build_sample(model.tokenizer, conv, len(paths), num_visual_tokens, add_generation_prompt=True)
+                   for conv, paths, _, _ in batch]
+        visual = [(cache(paths) if paths else torch.zeros(0, model.vision_dim)).to(dev) for _, paths, _, _ in batch]
+        for j, prediction in enumerate(greedy_answers(model, prompts, visual, eval_max_new_tokens)):
+            results.append((prediction, is_correct(prediction, batch[j][2], (options or {}).get(i + j, ()))))
+    return results
+
+
+def understanding(model, cache, dev):
+    """Per task: accuracy over all questions and per question type."""
+    report = {}
+    for task, n in eval_understanding.items():
+        samples = read_jsonl(os.path.join(data_dir, "val", f"{task}.jsonl"))[:n]
+        items = questions(task, samples)
+        if task == "visual_thinking":  # the answer follows an image the model must draw first: one at a time
+            scored = [visual_thinking_answer(model, cache, item, dev) for item in tqdm(items, desc=task, leave=False)]
+        else:
+            scored = answer_all(model, cache, items, dev)
+        by_type = {}
+        for (_, _, _, qtype), (_, right) in zip(items, scored):
+            by_type.setdefault(qtype, []).append(right)
+        report[task] = {"accuracy": float(np.mean([r for _, r in scored])), "questions": len(items),
+                        "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())}}
+    return report
+
+
+def visual_thinking_answer(model, cache, item, dev):
+    conv, paths, answer, _ = item
+    pieces = generate(model, conv, cache(paths).to(dev), len(paths), dev)
+    prediction = model.tokenizer.decode(pieces[-1], skip_special_tokens=True).strip()
+    return prediction, is_correct(prediction, answer)
+
+
+def run_benchmark_file(model, tower, processor, dev):
+    """A benchmark in the LLaVA/Cambrian eval layout, scored by option letter (with options) or exact match."""
+    root = benchmark_image_root or os.path.dirname(os.path.abspath(benchmark_file))
+    rows = [json.loads(line) for line in open(benchmark_file) if line.strip()]
+    items, options = [], {}
+    for k, row in enumerate(rows):
+        question = row["question"]
+        if row.get("options"):
+            letters = string.ascii_uppercase
+            question += "".join(f"\n{letters[i]}. {o}" for i, o in enumerate(row["options"])) + f"\n{OPTION_PROMPT}"
+            options[k] = row["options"]
+        if IMAGE not in question:
+            question = f"{IMAGE}\n" * len(row.get("images", [])) + question
+        items.append(([{"from": "human", "value": question}], row.get("images", []), str(row["answer"]),
+                      row.get("category", "all")))
+    encode = lambda paths: image_tokens(tower, processor, [load_image(os.path.join(root, p)) for p in paths],
+                                        num_visual_tokens).flatten(0, 1)
+    scored = answer_all(model, encode, items, dev, options)
+    by_type = {}
+    for item, (_, right) in zip(items, scored):
+        by_type.setdefault(item[3], []).append(right)
+    return {"file": benchmark_file, "accuracy": float(np.mean([r for _, r in scored])), "questions": len(items),
+            "by_category": {t: float(np.mean(v)) for t, v in sorted(by_type.items())},
+            "predictions": [prediction for prediction, _ in scored]}
+
+
+# ---- generation ------------------------------------------------------------------------------------------------------
+def generate(model, conversation, visual, n_images, dev, max_new_tokens=None):
+    """Greedy pieces (text ids, image tokens, ...) of the reply to the conversation so far (model.generate)."""
+    max_new_tokens = max_new_tokens or eval_max_new_tokens
+    prompt = build_sample(model.tokenizer, conversation, n_images, num_visual_tokens, add_generation_prompt=True)
+    pieces, _ = model.generate(prompt["input_ids"].to(dev), prompt["slots"].to(dev), visual, max_new_tokens)
+    return pieces
+
+
+def output_images(sample):
+    """Indices (into sample["images"]) of the images inside assistant turns: the ones the model must draw."""
+    indices, k = [], 0
+    for turn in sample["conversations"]:
+        n = turn["value"].count(IMAGE)
+        if turn["from"] == "gpt":
+            indices += range(k, k + n)
+        k += n
+    return indices
+
+
+def predicted_tokens(model, cache, samples, dev):
+    """For every sample: the true tokens of its output images and the model's prediction for each (None when the
+    model drew fewer images than asked for)."""
+    out = []
+    for s in tqdm(samples, desc="draw", leave=False):
+        wanted, first = output_images(s), s["conversations"][:1]
+        inputs = s["images"][:first[0]["value"].count(IMAGE)]
+        visual = (cache(inputs) if inputs else torch.zeros(0, model.vision_dim)).to(dev)
+        drawn = generate(model, first, visual, len(inputs), dev, max_new_tokens=16 + 4 * len(wanted))[1::2]
+        true = cache([s["images"][i] for i in wanted])
+        out += [(s, i, true[j], drawn[j].cpu() if j < len(drawn) else None) for j, i in enumerate(wanted)]
+    return out
+
+
+def scene_accuracy(pictures, targets):
+    """Mean attribute scores over target objects and picture scores over pictures (toyworld.compare_scenes)."""
+    objects, whole = [], []
+    for picture, target in zip(pictures, targets):
+        per_object, per_picture = toyworld.compare_scenes(target, toyworld.read_scene(picture))
+        objects += per_object
+        whole.append(per_picture)
+    return {**mean_of(objects), **mean_of(whole)}
+
+
+def text_image_model(path, dev):
+    """(model, tokenizer, image processor) of a local CLIP or SigLIP folder: both give normalized image_embeds and
+    text_embeds."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    return (AutoModel.from_pretrained(path).eval().to(dev), AutoTokenizer.from_pretrained(path),
+            AutoImageProcessor.from_pretrained(path))
+
+
+class Judges:
+    """The feature spaces generated pictures are measured in: SigLIP (always), Inception and CLIP (when local weights
+    are configured)."""
+
+    def __init__(self, tower, processor, dev):
+        self.tower, self.processor, self.dev = tower, processor, dev
+        self.siglip = text_image_model(siglip_path, dev)
+        self.clip = text_image_model(clip_path, dev) if clip_path else None
+        self.inception = torch.jit.load(inception_path).eval().to(dev) if inception_path else None
+
+    @torch.no_grad()
+    def pooled(self, pictures):
+        pixels = lambda chunk: self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.dev)
+        return torch.cat([self.tower(pixels(pictures[i:i + 64])).pooler_output.cpu() for i in range(0, len(pictures), 64)])
+
+    @torch.no_grad()
+    def inception_features(self, pictures):  # the TorchScript detector of StyleGAN-ADA's metrics takes uint8 NCHW
+        pixels = torch.tensor(np.stack([np.asarray(p) for p in pictures])).permute(0, 3, 1, 2).to(self.dev)
+        return self.inception(pixels, return_features=True).cpu()
+
+    @torch.no_grad()
+    def text_score(self, judge, pictures, prompts):
+        """100 x max(cos(image embedding, text embedding), 0), averaged: the CLIP score (CLIP) or its analogue."""
+        model, tokenizer, processor = judge
+        scores = []
+        for i in range(0, len(pictures), 64):
+            text = tokenizer(prompts[i:i + 64], padding="max_length", truncation=True,
+                             max_length=min(tokenizer.model_max_length, 77), return_tensors="pt").to(self.dev)
+            pixels = processor(images=pictures[i:i + 64], return_tensors="pt")["pixel_values"].to(self.dev)
+            out = model(input_ids=text["input_ids"], pixel_values=pixels)
+            scores.append(100 * F.cosine_similarity(out.image_embeds, out.text_embeds).clamp(min=0).cpu())
+        return float(torch.cat(scores).mean())
+
+    def metrics(self, pictures, real, prompts):
+        out = {"fd_siglip": frechet_distance(self.pooled(pictures), self.pooled(real)),
+               "siglip_score": self.text_score(self.siglip, pictures, prompts)}
+        if self.inception is not None:
+            out["fid"] = frechet_distance(self.inception_features(pictures), self.inception_features(real))
+        if self.clip is not None:
+            out["clip_score"] = self.text_score(self.clip, pictures, prompts)
+        return out
+
+
+def generation(model, visualizer, cache, judges, dev):
+    """Per set: how many pictures the model drew, token cosine, scene accuracy of its pictures and of pictures decoded
+    from the true tokens (the ceiling), and for the prompt sets the feature metrics. Returns (report, grid rows)."""
+    report, grid = {}, []
+    decode = lambda tokens: decode_tokens(visualizer, torch.stack(tokens), decoder_sample_steps, decoder_guidance,
+                                          seed) if tokens else []
+    for task, n in eval_generation.items():
+        items = predicted_tokens(model, cache, read_jsonl(os.path.join(data_dir, "val", f"{task}.jsonl"))[:n], dev)
+        ceiling = decode([true for _, _, true, _ in items])
+        drawn = iter(decode([p for *_, p in items if p is not None]))
+        blank = Image.new("RGB", ceiling[0].size, toyworld.BACKGROUND)  # a picture the model did not draw
+        pictures = [next(drawn) if p is not None else blank for *_, p in items]
+        targets = [s["meta"]["scenes"][i] for s, i, _, _ in items]
+        cosine = [float(F.cosine_similarity(p.float(), t.float()).mean()) for _, _, t, p in items if p is not None]
+        report[task] = {"pictures": len(items), "drawn": float(np.mean([p is not None for *_, p in items])),
+                        "token_cosine": float(np.mean(cosine)) if cosine else 0.0,
+                        "model": scene_accuracy(pictures, targets), "true_tokens": scene_accuracy(ceiling, targets)}
+        if task in GENERATION_SETS:
+            real = [load_image(os.path.join(data_dir, s["images"][i])) for s, i, _, _ in items]
+            prompts = [s["conversations"][0]["value"] for s, _, _, _ in items]
+            report[task]["model"].update(judges.metrics(pictures, real, prompts))
+            report[task]["true_tokens"].update(judges.metrics(ceiling, real, prompts))
+            grid += list(zip(prompts, real, ceiling, pictures))[:grid_rows // len(GENERATION_SETS)]
+    return report, grid
+
+
+# ---- the report ------------------------------------------------------------------------------------------------------
+def save_grid(rows, path, scale=2):
+    """One row per prompt: the real picture, the one decoded from its true tokens, the model's; then the prompt."""
+    side, text_width = toyworld.SIZE * scale, 560
+    grid = Image.new("RGB", (3 * (side + 4) + text_width, 20 + len(rows) * (side + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, title in enumerate(["real", "true tokens", "model"]):
+        draw.text((k * (side + 4) + 4, 4), title, fill="black")
+    for r, (prompt, *pictures) in enumerate(rows):
+        y = 20 + r * (side + 4)
+        for k, picture in enumerate(pictures):
+            grid.paste(picture.resize((side, side), Image.NEAREST), (k * (side + 4), y))
+        draw.text((3 * (side + 4) + 4, y + side // 2 - 6), prompt[:90], fill="black")
+    grid.save(path)
+
+
+def markdown(results):
+    lines = ["# Evaluation", "", f"Run: `{out_dir}`. Understanding: greedy answers on val; generation: decoder "
+             f"with {decoder_sample_steps} DDIM steps, guidance {decoder_guidance}.", "", "## Understanding", "",
+             "| task | questions | accuracy | by question type |", "| --- | --- | --- | --- |"]
+    for task, r in results["understanding"].items():
+        types = ", ".join(f"{t} {100 * v:.0f}%" for t, v in r["by_type"].items())
+        lines.append(f"| {task} | {r['questions']} | {100 * r['accuracy']:.1f}% | {types} |")
+    if "benchmark" in results:
+        b = results["benchmark"]
+        lines += ["", f"Benchmark file `{b['file']}`: {100 * b['accuracy']:.1f}% of {b['questions']} questions."]
+    keys = ["position", "shape", "colour", "size", "object", "count", "scene"]
+    lines += ["", "## Generation (scene accuracy read back from the pixels)", "",
+              "Per object at its grid cell: position (something there), shape, colour, size, object (all three); per "
+              "picture: count, scene (everything right, nothing extra). `true tokens` = the decoder's ceiling.", "",
+              "| set | source | drawn | token cos | " + " | ".join(keys) + " | FD-SigLIP | SigLIP score |",
+              "| --- | --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+    for task, r in results["generation"].items():
+        for source in ("model", "true_tokens"):
+            m = r[source]
+            cells = " | ".join(f"{100 * m[k]:.1f}" for k in keys)
+            extra = f"{m['fd_siglip']:.3f} | {m['siglip_score']:.1f}" if "fd_siglip" in m else "- | -"
+            drawn = f"{100 * r['drawn']:.0f}% | {r['token_cosine']:.3f}" if source == "model" else "- | 1.000"
+            lines.append(f"| {task} | {source.replace('_', ' ')} | {drawn} | {cells} | {extra} |")
+    lines += ["", "![prompts, real, decoded from true tokens, generated](grid.png)", ""]
+    return "\n".join(lines)
+
+
+def main():
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    torch.manual_seed(seed)
+    path = os.path.join(out_dir, "vpit")
+    if not os.path.exists(os.path.join(path, "metamorph.json")):
+        raise FileNotFoundError(f"no trained model at {path}: run `python train_adapter.py && python train_vpit.py`")
+    model = MetaMorph.from_pretrained(path).to(dev).eval()
+    tokens = TokenCache(os.path.join(out_dir, "tokens"))
+    cache = lambda paths: tokens.get_many(paths).flatten(0, 1).float()
+    tower, processor = load_vision_tower(siglip_path)
+    tower.to(dev)
+    results = {"understanding": understanding(model, cache, dev)}
+    if benchmark_file:
+        results["benchmark"] = run_benchmark_file(model, tower, processor, dev)
+    visualizer = load_visualizer(os.path.join(out_dir, "decoder"), vae_path, dev)
+    results["generation"], grid = generation(model, visualizer, cache, Judges(tower, processor, dev), dev)
+    eval_dir = os.path.join(out_dir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    json.dump(results, open(os.path.join(eval_dir, "results.json"), "w"), indent=1)
+    save_grid(grid, os.path.join(eval_dir, "grid.png"))
+    report = markdown(results)
+    open(os.path.join(eval_dir, "report.md"), "w").write(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    configure(globals())
+    main()

@@ -1,0 +1,119 @@
+"""eval.py: Frechet distance against the closed form, answer scoring edge cases, scene scoring on hand-made scenes,
+batched greedy decoding against one-at-a-time generation, and the benchmark-file runner."""
+import json
+
+import pytest
+import torch
+
+import eval as ev
+import toyworld
+from encode import TokenCache, load_vision_tower
+from model import MetaMorph, build_sample
+
+
+def samples_with(mean, std, n=400, seed=0):
+    """n samples whose sample mean and (unbiased) covariance are exactly mean and diag(std^2)."""
+    x = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = x - x.mean(0)
+    x = x @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(x.T))).T  # whitened: covariance exactly I
+    return x * torch.tensor(std, dtype=torch.float64) + torch.tensor(mean, dtype=torch.float64)
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    a, b = samples_with([0.0, 1.0, 2.0], [1.0, 2.0, 0.5]), samples_with([1.0, 1.0, 0.0], [2.0, 2.0, 1.5], seed=1)
+    # diagonal covariances: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2
+    assert ev.frechet_distance(a, b) == pytest.approx(1 + 0 + 4 + (1 + 0 + 1), rel=1e-6)
+    assert ev.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    # a rotation of both sets changes nothing: the general (non-diagonal) formula
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    assert ev.frechet_distance(a @ q, b @ q) == pytest.approx(7.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("prediction, answer, right", [
+    ("B", "B", True), ("b", "B", True), ("(b)", "B", True), ("B.", "B", True), ("B) circle", "B", True),
+    ("The answer is B", "B", True), ("C", "B", False), ("Because", "B", False), ("", "B", False),
+    ("Red.", "red", True), ("  bottom   LEFT ", "bottom left", True), ("red circle", "red", False),
+    ("three!", "three", True), ("two", "three", False)])
+def test_answer_scoring(prediction, answer, right):
+    assert ev.is_correct(prediction, answer) is right
+
+
+def test_option_text_counts_as_its_letter():
+    assert ev.is_correct("triangle", "C", ["square", "circle", "triangle"])
+    assert not ev.is_correct("circle", "C", ["square", "circle", "triangle"])
+
+
+def test_scene_scoring_on_hand_made_scenes():
+    target = [{"shape": "circle", "colour": "red", "size": "large", "x": 11, "y": 11},
+              {"shape": "square", "colour": "blue", "size": "small", "x": 53, "y": 53}]
+    right = toyworld.render(target)
+    wrong_colour = toyworld.render([dict(target[0], colour="green"), target[1]])
+    moved = toyworld.render([target[0], dict(target[1], x=32, y=32)])
+    extra = toyworld.render(target + [{"shape": "triangle", "colour": "yellow", "size": "large", "x": 32, "y": 32}])
+    assert ev.scene_accuracy([right], [target]) == {"position": 1, "shape": 1, "colour": 1, "size": 1,
+                                                    "shape_colour": 1, "object": 1, "count": 1, "scene": 1}
+    s = ev.scene_accuracy([wrong_colour], [target])
+    assert (s["colour"], s["shape"], s["position"], s["object"], s["scene"]) == (0.5, 1, 1, 0.5, 0)
+    s = ev.scene_accuracy([moved], [target])
+    assert (s["position"], s["shape"], s["count"], s["scene"]) == (0.5, 0.5, 1, 0)
+    s = ev.scene_accuracy([extra], [target])
+    assert (s["object"], s["count"], s["scene"]) == (1, 0, 0)
+    assert ev.scene_accuracy([right, moved], [target, target])["scene"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def model(micro):
+    torch.manual_seed(0)
+    dim = TokenCache(f"{micro['out_dir']}/tokens").dim
+    return MetaMorph.from_llm(f"{micro['base']}/llm", dim).eval()
+
+
+def test_batched_greedy_answers_equal_one_at_a_time_generation(micro, model):
+    cache = TokenCache(f"{micro['out_dir']}/tokens")
+    samples = ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl")
+    items = ev.questions("image_qa", samples)[:6]  # different lengths: left padding is exercised
+    prompts = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
+    visual = [cache.get_many(p).flatten(0, 1).float() for _, p, _, _ in items]
+    assert len({len(p["input_ids"]) for p in prompts}) > 1
+    batched = ev.greedy_answers(model, prompts, visual, max_new_tokens=6)
+    assert any(batched)
+    for p, v, answer in zip(prompts, visual, batched):
+        pieces, _ = model.generate(p["input_ids"], p["slots"], v, max_new_tokens=6)
+        assert answer == model.tokenizer.decode(pieces[0], skip_special_tokens=True).strip()
+
+
+def test_questions_cover_every_turn_with_earlier_answers_given():
+    sample = {"images": ["a.png"], "meta": {"qtypes": ["colour", "count"]}, "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]}
+    (c1, p1, a1, t1), (c2, p2, a2, t2) = ev.questions("image_qa", [sample])
+    assert (len(c1), p1, a1, t1) == (1, ["a.png"], "red", "colour")
+    assert (len(c2), c2[1]["value"], p2, a2, t2) == (3, "red", ["a.png"], "two", "count")
+
+
+def test_benchmark_file_runner(micro, model, tmp_path, monkeypatch):
+    """A LLaVA/Cambrian-layout file: options become lettered lines and the letter prompt, images go before the
+    question, and the accuracy is the scoring of the predictions it returns."""
+    val = ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl")
+    rows = [{"images": val[0]["images"], "question": "What shape is it?", "options": ["circle", "square"],
+             "answer": "B", "category": "shape"},
+            {"images": val[1]["images"], "question": "What colour is it?", "answer": "red", "category": "colour"},
+            {"images": val[2]["images"], "question": "How many shapes?", "options": ["one", "two", "three"],
+             "answer": "A", "category": "count"}]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen, real = [], ev.greedy_answers
+    monkeypatch.setattr(ev, "greedy_answers", lambda m, prompts, visual, n: seen.extend(prompts) or real(
+        m, prompts, visual, n))
+    monkeypatch.setattr(ev, "benchmark_file", str(path))
+    monkeypatch.setattr(ev, "benchmark_image_root", micro["data_dir"])
+    tower, processor = load_vision_tower(f"{micro['base']}/siglip")
+    result = ev.run_benchmark_file(model, tower, processor, torch.device("cpu"))
+    assert result["questions"] == 3 and set(result["by_category"]) == {"shape", "colour", "count"}
+    texts = [model.tokenizer.decode(p["input_ids"]) for p in seen]
+    assert "A. circle" in texts[0] and "B. square" in texts[0] and ev.OPTION_PROMPT in texts[0]
+    assert "A." not in texts[1] and ev.OPTION_PROMPT not in texts[1]
+    assert all((p["slots"] >= 0).sum() == 64 for p in seen)
+    assert texts[1].index("<image_end>") < texts[1].index("What colour")
+    expected = [ev.is_correct(pred, r["answer"], r.get("options", ())) for pred, r in zip(result["predictions"], rows)]
+    assert result["accuracy"] == pytest.approx(sum(expected) / 3)
