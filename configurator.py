@@ -16,7 +16,8 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 STAGES = ["toyworld.py", "pretrain_tiny.py", "prepare_smol.py", "encode.py", "train_adapter.py", "train_vpit.py",
-          "train_decoder.py", "sample.py", "eval.py", "estimate.py"]
+          "train_decoder.py", "sample.py", "eval.py", "estimate.py", "pipeline.py",
+          "ablate.py"]
 
 
 def knobs(g):

@@ -138,8 +138,9 @@ class MetaMorph(nn.Module):
         return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids, slots, visual_tokens, labels, vision_mask, attention_mask=None,
-                vision_loss_weight=1.0):
-        """(total, text loss, vision loss). Sec. 2: total = CE + weight x (1 - cos); targets shifted by one."""
+                vision_loss_weight=1.0, vision_loss="cosine"):
+        """(total, text loss, vision loss). Sec. 2: total = CE + weight x (1 - cos); targets shifted by one.
+        vision_loss="l1": mean absolute error instead of 1 - cos (the regression Tab. 3 compares against)."""
         hidden = self.hidden_states(input_ids, slots, visual_tokens, attention_mask)[:, :-1]
         text_labels, vision_at = labels[:, 1:], vision_mask[:, 1:]
         is_text = text_labels != IGNORE
@@ -148,8 +149,10 @@ class MetaMorph(nn.Module):
         predicted = self.vision_head(hidden[vision_at]).float()
         targets = visual_tokens[slots[:, 1:][vision_at]].float()
         # a batch without visual targets: 0 (sum over nothing), never the NaN of an empty mean
-        vision_loss = (1 - F.cosine_similarity(predicted, targets, dim=-1)).sum() / max(len(targets), 1)
-        return text_loss + vision_loss_weight * vision_loss, text_loss, vision_loss
+        per_token = (predicted - targets).abs().mean(-1) if vision_loss == "l1" else \
+            1 - F.cosine_similarity(predicted, targets, dim=-1)
+        vision = per_token.sum() / max(len(targets), 1)
+        return text_loss + vision_loss_weight * vision, text_loss, vision
 
     # ---- generation with a KV cache ----------------------------------------------------------------------------------
     def stop_ids(self):

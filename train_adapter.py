@@ -81,7 +81,8 @@ def main():
               f"delimiter rows, {len(train_set)} conversations, world size {world}")
     hp = dict(lr=adapter_lr, weight_decay=adapter_weight_decay, batch_size=adapter_batch_size,
               micro_batch_size=micro_batch_size, epochs=adapter_epochs, warmup_ratio=adapter_warmup_ratio,
-              grad_clip=grad_clip, dtype=dtype, vision_loss_weight=1.0, deepspeed_config=adapter_deepspeed_config,
+              grad_clip=grad_clip, dtype=dtype, vision_loss_weight=1.0, vision_loss="cosine",
+              deepspeed_config=adapter_deepspeed_config,
               log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
               ckpt_interval=ckpt_interval, out_dir=out_dir)
     t0 = time.time()

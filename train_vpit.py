@@ -42,6 +42,7 @@ vpit_warmup_ratio = 0.03  # released scripts
 micro_batch_size = 16  # per process; gradient accumulation makes up the global batch
 max_seq_len = 1024
 vision_loss_weight = 1.0  # Sec. 2: total = CE + 1.0 x cosine term
+vision_loss = "cosine"  # Tab. 3: "cosine" (the paper's choice) or "l1" regression
 grad_clip = 1.0
 dtype = "auto"  # "auto": bf16 autocast where the hardware has it (a CUDA GPU with bf16), else fp32; or "bfloat16"
 grad_checkpointing = False
@@ -165,7 +166,8 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             ddp = isinstance(engine, torch.nn.parallel.DistributedDataParallel)
             sync = engine.no_sync() if ddp and k < accum - 1 else contextlib.nullcontext()  # all-reduce once a step
             with sync, amp:
-                loss, text_loss, vision_loss = engine(**batch, vision_loss_weight=hp["vision_loss_weight"])
+                loss, text_loss, vision_loss = engine(**batch, vision_loss_weight=hp["vision_loss_weight"],
+                                                         vision_loss=hp["vision_loss"])
             if hp["deepspeed_config"]:
                 engine.backward(loss)
                 engine.step()
@@ -184,12 +186,13 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             dist.all_reduce(losses)
             text_sum, vision_sum, targets = (losses / world).tolist()
         if rank == 0:
-            record = {"step": step, "text_loss": text_sum, "vision_cos": 1 - vision_sum if targets else None,
+            vision = ("vision_cos", 1 - vision_sum) if hp["vision_loss"] == "cosine" else ("vision_l1", vision_sum)
+            record = {"step": step, "text_loss": text_sum, vision[0]: vision[1] if targets else None,
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.time() - t0)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if step % hp["log_interval"] == 0:
-                bar.set_postfix(text=f"{text_sum:.3f}", cos=f"{1 - vision_sum:.3f}" if targets else "-",
+                bar.set_postfix(text=f"{text_sum:.3f}", **{vision[0][7:]: f"{vision[1]:.3f}" if targets else "-"},
                                 lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if step % hp["eval_interval"] == 0 and val_sets:  # every rank: under ZeRO-3 a forward needs them all
@@ -261,7 +264,7 @@ def main():
               f"conversations ({train_set.skipped} longer than max_seq_len, skipped), world size {world}")
     hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
               epochs=vpit_epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
-              vision_loss_weight=vision_loss_weight, deepspeed_config=deepspeed_config, log_interval=log_interval,
+              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config, log_interval=log_interval,
               eval_interval=eval_interval, stop_after=stop_after, seed=seed, ckpt_interval=ckpt_interval,
               out_dir=out_dir)
     t0 = time.time()

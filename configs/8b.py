@@ -52,3 +52,6 @@ gpu_peak_tflops = 989.0  # H100 SXM dense bf16
 assumed_mfu = 0.4
 avg_sample_tokens = 600  # mean conversation length, images included (66 positions each)
 dry_run_tokens = 0  # 0: sum(vpit_data) x avg_sample_tokens x vpit_epochs
+
+# ---- pipeline.py ----------------------------------------------------------------------------------------------------
+toy_world = False  # real data and models: no toy world, no stand-ins

@@ -77,18 +77,21 @@ def test_loss_equals_a_hand_computation(model):
     embeds = model.embed(batch["input_ids"], batch["slots"], batch["visual_tokens"])
     out = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
     hidden = model.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
-    ce, cos = [], []
+    ce, cos, l1 = [], [], []
     for b in range(len(batch["input_ids"])):
         for t in range(1, batch["input_ids"].shape[1]):
             if batch["labels"][b, t] != IGNORE:  # position t-1 predicts token t
                 ce.append(-out.logits[b, t - 1].log_softmax(-1)[batch["labels"][b, t]])
             if batch["vision_mask"][b, t]:
-                target = batch["visual_tokens"][batch["slots"][b, t]]
-                cos.append(1 - F.cosine_similarity(model.vision_head(hidden[b, t - 1]), target, dim=0))
+                target, predicted = batch["visual_tokens"][batch["slots"][b, t]], model.vision_head(hidden[b, t - 1])
+                cos.append(1 - F.cosine_similarity(predicted, target, dim=0))
+                l1.append((predicted - target).abs().mean())
     assert len(cos) == 2 * N  # the generated image and the edited image
     assert torch.allclose(text, torch.stack(ce).mean(), atol=1e-5)
     assert torch.allclose(vision, torch.stack(cos).mean(), atol=1e-5)
     assert torch.allclose(total, text + 0.5 * vision, atol=1e-6)
+    _, _, vision_l1 = model(**batch, vision_loss="l1")  # Tab. 3's regression alternative
+    assert torch.allclose(vision_l1, torch.stack(l1).mean(), atol=1e-5)
 
 
 def test_no_visual_targets_gives_zero_vision_loss_not_nan(model):

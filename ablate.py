@@ -1,0 +1,128 @@
+"""
+The paper's findings in miniature (PAPER.md "Findings", Sec. 3): retrain stage 2 on different data mixes, evaluate
+each run with eval.py, and write a markdown table and a bar chart per study.
+
+    python ablate.py                          # every study below, on the finished toy run's cache, adapter and decoder
+    python ablate.py --studies="['tab3']"     # one study
+
+Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains) in out_dir/ablate/<run>/, sharing
+the main run's token cache, stage-1 adapter and decoder (the decoder never sees the LLM, so one serves every run); a
+run already evaluated is not run again. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image, ImageDraw
+
+# ---------------------------------------------------------------------------------------------------------------------
+out_dir = "out/tiny"  # the finished main run: its tokens/, adapter/ and decoder/ are shared
+ablate_dir = "ablations"  # tables and charts (committed); the runs themselves go to out_dir/ablate/<run>
+studies = ["tab4", "tab5", "tab6", "tab3"]
+ablate_eval_understanding = {"image_qa": 100}
+ablate_eval_generation = {"generation": 32, "generation_heldout": 32, "generation_riddle": 32}
+# ---------------------------------------------------------------------------------------------------------------------
+G, U = "generation", "image_qa"
+STUDIES = {  # study -> (title, [(run name, stage-2 mixture, extra train_vpit.py overrides)])
+    "tab4": ("Tab. 4 / Finding 1: generation-only vs joint with understanding data, at two generation-set sizes",
+             [("gen500", {G: 500}, []), ("gen2000", {G: 2000}, []),
+              ("gen500+qa4000", {G: 500, U: 4000}, []), ("gen2000+qa4000", {G: 2000, U: 4000}, [])]),
+    "tab5": ("Tab. 5: a fixed generation set (1000) trained with each other data type alone (1000 each)",
+             [("gen1000", {G: 1000}, [])] + [(f"gen1000+{t}", {G: 1000, t: 1000}, []) for t in
+                                              ("image_qa", "video_qa", "video_prediction", "visual_thinking",
+                                               "image_edit")]),
+    "tab6": ("Tab. 6 / Findings 2-3: understanding-data size x generation-data size",
+             [("gen500+qa1000", {G: 500, U: 1000}, []), ("gen2000+qa1000", {G: 2000, U: 1000}, []),
+              ("gen500+qa4000", {G: 500, U: 4000}, []), ("gen2000+qa4000", {G: 2000, U: 4000}, [])]),
+    "tab3": ("Tab. 3: cosine vs L1 vision loss (generation 2000 + image_qa 4000)",
+             [("gen2000+qa4000", {G: 2000, U: 4000}, []),
+              ("gen2000+qa4000-l1", {G: 2000, U: 4000}, ["--vision_loss=l1"])]),
+}
+
+
+def stage(script, *args):
+    subprocess.run([sys.executable, script, *args], check=True)
+
+
+def run(name, mixture, extra):
+    """Stage 2 on the mixture, then eval.py; returns its results.json (cached)."""
+    run_dir = os.path.join(out_dir, "ablate", name)
+    results = os.path.join(run_dir, "eval", "results.json")
+    if not os.path.exists(results):
+        os.makedirs(run_dir, exist_ok=True)
+        for shared in ("tokens", "adapter", "decoder"):
+            if not os.path.exists(os.path.join(run_dir, shared)):
+                os.symlink(os.path.abspath(os.path.join(out_dir, shared)), os.path.join(run_dir, shared))
+        print(f"\n=== {name}: stage 2 on {mixture}", flush=True)
+        stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", *extra)
+        stage("eval.py", f"--out_dir={run_dir}", f"--eval_understanding={ablate_eval_understanding}",
+              f"--eval_generation={ablate_eval_generation}", "--eval_ceiling=False")
+    return json.load(open(results))
+
+
+def row(name, mixture, results):
+    """The numbers a finding is judged by: VQA accuracy, and per generation set whole-object accuracy and FD."""
+    g = results["generation"]
+    return {"run": name, "mix": ", ".join(f"{t} {n}" for t, n in mixture.items()),
+            "image_qa": results["understanding"]["image_qa"]["accuracy"],
+            **{f"{s} object": g[s]["model"]["object"] for s in ablate_eval_generation},
+            **{f"{s} FD": g[s]["model"]["fd_siglip"] for s in ablate_eval_generation},
+            "token cos": g[G]["token_cosine"]}
+
+
+def table(title, rows):
+    keys = list(rows[0])
+    fmt = lambda k, v: v if isinstance(v, str) else f"{v:.3f}" if "FD" in k or "cos" in k else f"{100 * v:.1f}"
+    return "\n".join([f"## {title}", "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)] +
+                     ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]) + "\n"
+
+
+def bar_chart(title, rows, series, path, width=900, height=360):
+    """Grouped bars (0-100%) of the given series for every run, drawn with PIL (no plotting library needed)."""
+    image = Image.new("RGB", (width, height), "white")
+    draw, colours = ImageDraw.Draw(image), [(66, 110, 200), (220, 120, 40), (60, 160, 90), (150, 80, 170)]
+    left, bottom, top = 50, height - 70, 40
+    draw.text((left, 10), title[:140], fill="black")
+    for pct in range(0, 101, 25):
+        y = bottom - (bottom - top) * pct / 100
+        draw.line([(left, y), (width - 10, y)], fill=(225, 225, 225))
+        draw.text((10, y - 6), f"{pct}%", fill="black")
+    slot = (width - left - 10) / len(rows)
+    bar = slot * 0.8 / len(series)
+    for i, r in enumerate(rows):
+        x0 = left + i * slot + slot * 0.1
+        for j, key in enumerate(series):
+            x = x0 + j * bar
+            draw.rectangle([x, bottom - (bottom - top) * r[key], x + bar - 2, bottom], fill=colours[j % len(colours)])
+        draw.text((x0, bottom + 6 + 12 * (i % 2)), r["run"][:24], fill="black")
+    for j, key in enumerate(series):
+        draw.rectangle([left + j * 200, height - 22, left + j * 200 + 10, height - 12], fill=colours[j % len(colours)])
+        draw.text((left + j * 200 + 14, height - 24), key, fill="black")
+    image.save(path)
+
+
+def main():
+    os.makedirs(ablate_dir, exist_ok=True)
+    index = ["# The paper's findings in miniature", "", "Made by `python ablate.py` on the toy run (configs/tiny.py).",
+             "Accuracies in %, FD = FD-SigLIP (lower is better), `object` = shape, colour and size right at the "
+             "asked-for cell (eval.py).", ""]
+    for study in studies:
+        title, runs = STUDIES[study]
+        rows = [row(name, mixture, run(name, mixture, extra)) for name, mixture, extra in runs]
+        markdown = table(title, rows)
+        open(os.path.join(ablate_dir, f"{study}.md"), "w").write(markdown)
+        bar_chart(title, rows, ["image_qa", "generation object", "generation_heldout object",
+                                "generation_riddle object"], os.path.join(ablate_dir, f"{study}.png"))
+        print(markdown)
+    for study in STUDIES:  # every study done so far, this run's or an earlier one's
+        if os.path.exists(os.path.join(ablate_dir, f"{study}.md")):
+            index += [open(os.path.join(ablate_dir, f"{study}.md")).read(), f"![{study}]({study}.png)", ""]
+    open(os.path.join(ablate_dir, "README.md"), "w").write("\n".join(index))
+
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    configure(globals())
+    main()

@@ -1,0 +1,81 @@
+"""
+The whole job, one command: every stage in order, each skipped when its artefact is already there.
+
+    python pipeline.py                    # the toy world on a CPU: about 40 minutes on 2 cores from a fresh clone
+    python pipeline.py configs/8b.py      # real models and data: encode, stage 1, stage 2, decoder, eval, samples
+    python pipeline.py --force=train_vpit.py   # run one stage again (and so the stages after it)
+
+Stages run as their own processes (`python <stage> <config>`), exactly as a person would type them, so their progress
+bars and messages show; `launcher` puts e.g. torchrun in front of the training stages on a GPU machine. At the end it
+prints the eval report and makes a few sample PNGs with sample.py.
+"""
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+# ---------------------------------------------------------------------------------------------------------------------
+data_dir = "data/toy"
+out_dir = "out/tiny"
+llm_path = "out/tiny/base/llm"
+toy_world = True  # False for real data: the world and the stand-ins are not made, they must exist
+launcher = ""  # put before the training stages, e.g. "torchrun --nproc_per_node=8"
+force = ""  # a stage to run again even if its artefact exists (and every stage after it)
+# A few sample.py runs at the end: (prompt, input image relative to data_dir or ""): a generation, a question about an
+# image, an edit and a visual-thinking prompt (the images are toy val pictures the model never trained on).
+samples = [("Generate an image of a large red circle in the top left and a small blue square in the center.", ""),
+           ("What colour is the square?", "images/val/image_qa/val-image_qa-000000-0.png"),
+           ("Turn the circle into a triangle.", "images/val/image_edit/val-image_edit-000000-0.png"),
+           ("Think visually before you answer. What colour is the small shape in the center?",
+            "images/val/visual_thinking/val-visual_thinking-000000-0.png")]
+config_file = "configs/tiny.py"  # set by configure() to the config file in use
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def stages():
+    """(script, artefact that says it is done, runs under the launcher)."""
+    base = os.path.dirname(llm_path)
+    toy = [("toyworld.py", os.path.join(data_dir, "val", "generation.jsonl"), False),
+           ("pretrain_tiny.py", os.path.join(base, "pretrain_report.json"), False)] if toy_world else []
+    return toy + [("encode.py", os.path.join(out_dir, "tokens", "index.json"), False),
+                  ("train_adapter.py", os.path.join(out_dir, "adapter", "metamorph.json"), True),
+                  ("train_vpit.py", os.path.join(out_dir, "vpit", "metamorph.json"), True),
+                  ("train_decoder.py", os.path.join(out_dir, "decoder", "decoder.json"), True),
+                  ("eval.py", os.path.join(out_dir, "eval", "report.md"), False)]
+
+
+def run(script, config, parallel, *args):
+    command = (shlex.split(launcher) if parallel and launcher else [sys.executable]) + [script, config, *args]
+    print(f"\n=== {' '.join(command)}", flush=True)
+    start = time.time()
+    subprocess.run(command, check=True)
+    return time.time() - start
+
+
+def main(config):
+    names = [s for s, _, _ in stages()]
+    if force and force not in names:
+        raise ValueError(f"--force={force}: not a stage of this pipeline ({', '.join(names)})")
+    times, forced = {}, False
+    for script, done, parallel in stages():
+        forced = forced or script == force
+        if os.path.exists(done) and not forced:
+            print(f"=== {script}: done ({done} exists), skipped")
+            continue
+        if forced and script != "toyworld.py":  # a stage that finished once says "already done": clear its artefact
+            shutil.rmtree(os.path.dirname(done), ignore_errors=True)
+        times[script] = run(script, config, parallel)
+    for k, (prompt, image) in enumerate(samples):
+        extra = ["--image", os.path.join(data_dir, image)] if image else []
+        times[f"sample {k}"] = run("sample.py", config, False, "--prompt", prompt, *extra)
+    print(open(os.path.join(out_dir, "eval", "report.md")).read())
+    print("=== wall time per stage (this run): " + ", ".join(f"{s} {t / 60:.1f} min" for s, t in times.items()))
+
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    configure(globals())
+    main(config_file)
