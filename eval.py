@@ -16,6 +16,7 @@ import json
 import os
 import re
 import string
+import textwrap
 
 import numpy as np
 import torch
@@ -238,7 +239,7 @@ def predicted_tokens(model, cache, samples, dev):
         inputs = s["images"][:first[0]["value"].count(IMAGE)]
         visual = (cache(inputs) if inputs else torch.zeros(0, model.vision_dim)).to(dev)
         drawn = generate(model, first, visual, len(inputs), dev, max_new_tokens=16 + 4 * len(wanted))[1::2]
-        true = cache([s["images"][i] for i in wanted])
+        true = cache([s["images"][i] for i in wanted]).view(len(wanted), num_visual_tokens, -1)
         out += [(s, i, true[j], drawn[j].cpu() if j < len(drawn) else None) for j, i in enumerate(wanted)]
     return out
 
@@ -347,7 +348,7 @@ def save_grid(rows, path, scale=2):
         y = 20 + r * (side + 4)
         for k, picture in enumerate(pictures):
             grid.paste(picture.resize((side, side), Image.NEAREST), (k * (side + 4), y))
-        draw.text((3 * (side + 4) + 4, y + side // 2 - 6), prompt[:90], fill="black")
+        draw.multiline_text((3 * (side + 4) + 4, y + 8), "\n".join(textwrap.wrap(prompt, 80)[:6]), fill="black")
     grid.save(path)
 
 

@@ -105,11 +105,12 @@ class Session:
                              f"max_new_tokens={max_new_tokens} > max_seq_len={max_seq_len}")
         pieces, self.cache = self.model.generate(ids.to(self.dev), slots.to(self.dev), visual, max_new_tokens,
                                                  temperature, top_p, self.generator, self.cache)
-        texts, generated = pieces[0::2], pieces[1::2]
-        paths = self.save_images(generated)
         decode = lambda ids: self.model.tokenizer.decode(ids, skip_special_tokens=True)
-        parts = [decode(texts[0])] + [f"{s}[image: {p}]{decode(t)}" for p, t in zip(paths, texts[1:]) for s in [" "]]
-        return "".join(parts).strip()
+        texts, paths = pieces[0::2], self.save_images(pieces[1::2])
+        words = [decode(texts[0])]
+        for path, text in zip(paths, texts[1:]):
+            words += [f" [image: {path}] ", decode(text)]
+        return "".join(words).strip()
 
     def save_images(self, generated):
         """Decode generated visual tokens to pixels (the diffusion visualizer) and save them as PNGs."""
@@ -128,7 +129,7 @@ class Session:
 
 def interactive(session):
     print("Chat with the model. Attach images with `/image path.png` lines before your message; `/quit` ends.")
-    pending = []
+    pending = list(image)  # --image files go with the first message
     while True:
         try:
             line = input("> " if not pending else f"({len(pending)} image(s))> ").strip()
