@@ -37,8 +37,8 @@ siglip_path = "out/tiny/base/siglip"
 vae_path = "out/tiny/base/vae"
 num_visual_tokens = 64
 eval_understanding = {"image_qa": 200, "video_qa": 100, "visual_thinking": 64}  # val samples per task
-eval_generation = {"generation": 64, "generation_heldout": 64, "generation_riddle": 64, "image_edit": 64,
-                   "video_prediction": 32}
+eval_generation = {"generation": 48, "generation_heldout": 48, "generation_riddle": 48, "image_edit": 32,
+                   "video_prediction": 8}  # val samples per set (a video_prediction sample asks for 1-5 pictures)
 eval_batch_size = 32
 eval_max_new_tokens = 24
 decoder_sample_steps = 25
