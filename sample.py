@@ -59,14 +59,14 @@ def with_placeholders(text, n_images):
 
 def next_turn_markup(tokenizer, text):
     """The chat markup after an assistant reply already in the KV cache: the end of that turn, the next user turn, and
-    the header of the reply to it. Taken from the template's rendering around a stand-in reply, so any template works."""
-    user = {"role": "user", "content": "?"}
-    done = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True) + "R"
-    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": "R"}, {"role": "user", "content": text}],
-                                         tokenize=False, add_generation_prompt=True)
-    if not full.startswith(done):
+    the header of the reply to it. Cut from the template's rendering around a stand-in reply, so any template works."""
+    user, reply = {"role": "user", "content": "?"}, "\u2063R\u2063"  # a stand-in no template rewrites
+    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": reply},
+                                          {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    if not full.startswith(prompt) or reply not in full[len(prompt):]:
         raise ValueError("the chat template does not render a conversation prefix by prefix")
-    return full[len(done):]
+    return full[full.index(reply, len(prompt)) + len(reply):]
 
 
 class Session:
