@@ -115,8 +115,9 @@ def questions(task, samples):
 
 @torch.no_grad()
 def greedy_answers(model, prompts, visual, max_new_tokens):
-    """Batched greedy decoding of text answers. prompts: built samples (input_ids, slots); visual: their visual tokens
-    (n_images * 64, d) each. Left-padded into one batch with a KV cache; stops when every row has ended its turn."""
+    """Batched greedy decoding of text answers (token ids). prompts: built samples (input_ids, slots); visual: their
+    visual tokens (n_images * 64, d) each. Left-padded into one batch with a KV cache; stops when every row has ended
+    its turn."""
     dev, tok, stop = visual[0].device, model.tokenizer, model.stop_ids()
     length = max(len(p["input_ids"]) for p in prompts)
     ids = torch.full((len(prompts), length), tok.pad_token_id or 0, device=dev)
@@ -143,7 +144,7 @@ def greedy_answers(model, prompts, visual, max_new_tokens):
             answers[i].append(int(token[i]))
         embeds = model.llm.get_input_embeddings()(token)[:, None]
         mask, position = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1), position[:, -1:] + 1
-    return [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+    return answers
 
 
 def answer_all(model, cache, items, dev, options=None):
@@ -154,7 +155,8 @@ def answer_all(model, cache, items, dev, options=None):
         prompts = [build_sample(model.tokenizer, conv, len(paths), num_visual_tokens, add_generation_prompt=True)
                    for conv, paths, _, _ in batch]
         visual = [(cache(paths) if paths else torch.zeros(0, model.vision_dim)).to(dev) for _, paths, _, _ in batch]
-        for j, prediction in enumerate(greedy_answers(model, prompts, visual, eval_max_new_tokens)):
+        for j, ids in enumerate(greedy_answers(model, prompts, visual, eval_max_new_tokens)):
+            prediction = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
             results.append((prediction, is_correct(prediction, batch[j][2], (options or {}).get(i + j, ()))))
     return results
 
