@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 out_dir = "out/tiny"  # the finished main run: its tokens/, adapter/ and decoder/ are shared
 ablate_dir = "ablations"  # tables and charts (committed); the runs themselves go to out_dir/ablate/<run>
 studies = ["tab4", "tab5", "tab6", "tab3"]
+train_only = False  # True: train every run's stage 2 and stop (e.g. while the decoder, which eval needs, still trains)
 ablate_eval_understanding = {"image_qa": 100}
 ablate_eval_generation = {"generation": 32, "generation_heldout": 32, "generation_riddle": 32}
 # ---------------------------------------------------------------------------------------------------------------------
@@ -49,15 +50,19 @@ def run(name, mixture, extra):
     """Stage 2 on the mixture, then eval.py; returns its results.json (cached)."""
     run_dir = os.path.join(out_dir, "ablate", name)
     results = os.path.join(run_dir, "eval", "results.json")
-    if not os.path.exists(results):
-        os.makedirs(run_dir, exist_ok=True)
-        for shared in ("tokens", "adapter", "decoder"):
-            if not os.path.exists(os.path.join(run_dir, shared)):
-                os.symlink(os.path.abspath(os.path.join(out_dir, shared)), os.path.join(run_dir, shared))
+    if os.path.exists(results):
+        return json.load(open(results))
+    os.makedirs(run_dir, exist_ok=True)
+    for shared in ("tokens", "adapter", "decoder"):
+        if not os.path.lexists(os.path.join(run_dir, shared)):
+            os.symlink(os.path.abspath(os.path.join(out_dir, shared)), os.path.join(run_dir, shared))
+    if not os.path.exists(os.path.join(run_dir, "vpit", "metamorph.json")):
         print(f"\n=== {name}: stage 2 on {mixture}", flush=True)
         stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", *extra)
-        stage("eval.py", f"--out_dir={run_dir}", f"--eval_understanding={ablate_eval_understanding}",
-              f"--eval_generation={ablate_eval_generation}", "--eval_ceiling=False")
+    if train_only:
+        return None
+    stage("eval.py", f"--out_dir={run_dir}", f"--eval_understanding={ablate_eval_understanding}",
+          f"--eval_generation={ablate_eval_generation}", "--eval_ceiling=False")
     return json.load(open(results))
 
 
@@ -109,7 +114,10 @@ def main():
              "asked-for cell (eval.py).", ""]
     for study in studies:
         title, runs = STUDIES[study]
-        rows = [row(name, mixture, run(name, mixture, extra)) for name, mixture, extra in runs]
+        results = [run(name, mixture, extra) for name, mixture, extra in runs]
+        if train_only:
+            continue
+        rows = [row(name, mixture, r) for (name, mixture, _), r in zip(runs, results)]
         markdown = table(title, rows)
         open(os.path.join(ablate_dir, f"{study}.md"), "w").write(markdown)
         bar_chart(title, rows, ["image_qa", "generation object", "generation_heldout object",
