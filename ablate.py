@@ -70,7 +70,7 @@ def row(name, mixture, results):
     """The numbers a finding is judged by: VQA accuracy, and per generation set whole-object accuracy and FD."""
     g = results["generation"]
     return {"run": name, "mix": ", ".join(f"{t} {n}" for t, n in mixture.items()),
-            "image_qa": results["understanding"]["image_qa"]["accuracy"],
+            "image_qa": results["understanding"]["image_qa"]["accuracy"], "drawn": g[G]["drawn"],
             **{f"{s} object": g[s]["model"]["object"] for s in ablate_eval_generation},
             **{f"{s} FD": g[s]["model"]["fd_siglip"] for s in ablate_eval_generation},
             "token cos": g[G]["token_cosine"]}
@@ -84,7 +84,8 @@ def table(title, rows):
 
 
 def bar_chart(title, rows, series, path, width=900, height=360):
-    """Grouped bars (0-100%) of the given series for every run, drawn with PIL (no plotting library needed)."""
+    """Grouped bars (0-100%; token cosine x 100) of the given series for every run, drawn with PIL (no plotting
+    library needed)."""
     image = Image.new("RGB", (width, height), "white")
     draw, colours = ImageDraw.Draw(image), [(66, 110, 200), (220, 120, 40), (60, 160, 90), (150, 80, 170)]
     left, bottom, top = 50, height - 70, 40
@@ -120,8 +121,8 @@ def main():
         rows = [row(name, mixture, r) for (name, mixture, _), r in zip(runs, results)]
         markdown = table(title, rows)
         open(os.path.join(ablate_dir, f"{study}.md"), "w").write(markdown)
-        bar_chart(title, rows, ["image_qa", "generation object", "generation_heldout object",
-                                "generation_riddle object"], os.path.join(ablate_dir, f"{study}.png"))
+        bar_chart(title, rows, ["image_qa", "drawn", "token cos", "generation object"],
+                  os.path.join(ablate_dir, f"{study}.png"))
         print(markdown)
     for study in STUDIES:  # every study done so far, this run's or an earlier one's
         if os.path.exists(os.path.join(ablate_dir, f"{study}.md")):
