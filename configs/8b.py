@@ -45,6 +45,24 @@ vpit_warmup_ratio = 0.03  # cosine schedule after a 3% warm-up (released scripts
 vision_loss_weight = 1.0  # Sec. 2: total = CE + 1.0 x (1 - cos)
 deepspeed_config = "configs/zero3.json"  # ZeRO-3 on H100 (App. A.1)
 
+# ---- diffusion visualizer: SD-1.5 finetuned on the SigLIP tokens (Sec. 2.3, App. A.2; train_decoder.py) -----------
+sd_path = "checkpoints/stable-diffusion-v1-5"  # its unet/ and scheduler/ are finetuned from; its vae/ is vae_path
+decoder_resolution = 512
+decoder_projector_hidden = 2048  # Linear(1152, 2048) -> LayerNorm -> ReLU -> Linear(2048, 768) -> LayerNorm
+decoder_data = {"generation": -1}  # images only: those of the MetaCLIP generation pairs
+decoder_val = {"generation": 64}
+decoder_score_scenes = False  # real pictures: no toy-world scene reader
+decoder_lr = 1.1e-5
+decoder_weight_decay = 0.01
+decoder_warmup_steps = 2000  # logarithmic warm-up
+decoder_decay_steps = 12000  # then linear decay to 0
+decoder_batch_size = 2112
+decoder_micro_batch_size = 33  # x 64 GPUs = 2112 (fewer GPUs: gradient accumulation)
+decoder_cond_drop = 0.7  # "CFG level 0.7"
+decoder_sample_steps = 50  # released sampling: 50 steps, guidance 6-12.5
+decoder_guidance = 7.5
+decoder_grid_interval = 500
+
 # ---- dry-run assumptions (estimate.py; train_vpit.py --dry_run=True) -----------------------------------------------
 gpu_count = 64  # 8 nodes x 8 H100
 gpu_memory_gb = 80

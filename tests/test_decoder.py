@@ -1,0 +1,151 @@
+"""train_decoder.py: the App. A.2 schedule, the projector, condition dropout, resume, one step of an SD-1.5-shaped
+UNet, the shared sampler, and the scene-agreement score, at micro size."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PNDMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+
+import toyworld
+from conftest import run
+from train_decoder import Decoder, decode_tokens, load_visualizer, lr_factor, scene_agreement, training_noise
+
+MICRO_UNET = ("--decoder_unet={'sample_size': 32, 'block_out_channels': (16, 16), 'layers_per_block': 1, "
+              "'down_block_types': ('CrossAttnDownBlock2D', 'DownBlock2D'), 'up_block_types': ('UpBlock2D', "
+              "'CrossAttnUpBlock2D'), 'cross_attention_dim': 16, 'attention_head_dim': 2, 'norm_num_groups': 8}")
+MICRO = [MICRO_UNET, "--decoder_projector_hidden=32", "--decoder_val={'generation': 4}", "--decoder_warmup_steps=2",
+         "--decoder_decay_steps=2", "--decoder_batch_size=8", "--decoder_micro_batch_size=4", "--decoder_sample_steps=2",
+         "--decoder_grid_images=4", "--decoder_grid_interval=2", "--ckpt_interval=2"]
+
+
+def fresh_out(micro, tmp_path, name):
+    """A new out_dir that shares the micro run's token cache."""
+    out = tmp_path / name
+    out.mkdir()
+    os.symlink(os.path.join(micro["out_dir"], "tokens"), out / "tokens")
+    return str(out)
+
+
+def train(micro, out, *args):
+    return run("train_decoder.py", f"--data_dir={micro['data_dir']}", f"--out_dir={out}",
+               f"--vae_path={micro['base']}/vae", *MICRO, *args)
+
+
+def curve(out):
+    return [json.loads(line) for line in open(os.path.join(out, "logs", "decoder.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory):
+    out = fresh_out(micro, tmp_path_factory.mktemp("decoder"), "whole")
+    train(micro, out)
+    return out
+
+
+def sd15_shaped_unet():
+    """SD-1.5's layout (block types, 2 layers per block, cross-attention width 768), with micro channels."""
+    return UNet2DConditionModel(sample_size=32, block_out_channels=(8, 8, 16, 16), layers_per_block=2,
+                                cross_attention_dim=768, attention_head_dim=2, norm_num_groups=8)
+
+
+def test_schedule_log_warmup_then_linear_decay():
+    W, D = 100, 200
+    assert lr_factor(0, W, D) == 0
+    assert lr_factor(W // 2, W, D) == pytest.approx(math.log(1 + W / 2) / math.log(1 + W))
+    assert lr_factor(W // 2, W, D) > 0.8  # logarithmic, not linear: most of the way up at half the warm-up
+    assert lr_factor(W, W, D) == 1
+    assert lr_factor(W + D // 2, W, D) == pytest.approx(0.5)
+    assert lr_factor(W + D, W, D) == 0 and lr_factor(W + D + 50, W, D) == 0
+    assert all(lr_factor(s, W, D) < lr_factor(s + 1, W, D) for s in range(W))
+
+
+def test_projector_shapes_and_zeroed_padded_condition():
+    torch.manual_seed(0)
+    decoder = Decoder(sd15_shaped_unet(), 1152, 2048, 77, None, 256)
+    shapes = [tuple(p.shape) for p in decoder.projector.parameters()]
+    assert shapes == [(2048, 1152), (2048,), (2048,), (2048,), (768, 2048), (768,), (768,), (768,)]
+    assert [type(m).__name__ for m in decoder.projector] == ["Linear", "LayerNorm", "ReLU", "Linear", "LayerNorm"]
+    states = decoder.condition(torch.randn(3, 64, 1152), keep=torch.tensor([True, False, True]))
+    assert states.shape == (3, 77, 768)
+    assert states[1].abs().sum() == 0 and states[:, 64:].abs().sum() == 0  # dropped, and the 13 padding rows
+    assert (states[[0, 2], :64].abs().sum(-1) > 0).all()
+
+
+def test_condition_drop_rate_is_measured_at_the_configured_probability():
+    g = torch.Generator().manual_seed(0)
+    for p in (0.0, 0.1, 0.7):
+        _, t, keep = training_noise((20000, 1, 1, 1), 1000, p, g)
+        assert 1 - keep.float().mean().item() == pytest.approx(p, abs=0.015)
+        assert t.min() >= 0 and t.max() < 1000
+
+
+def test_trains_saves_report_and_grids(trained):
+    assert sorted(os.listdir(os.path.join(trained, "decoder"))) == \
+        ["decoder.json", "grid.png", "projector.safetensors", "scheduler", "unet"]
+    assert not os.path.exists(os.path.join(trained, "ckpt", "decoder"))
+    report = json.load(open(os.path.join(trained, "logs", "decoder_report.json")))
+    assert report["val_images"] == 4 and report["scene_agreement"]["objects"] > 0
+    assert sorted(os.listdir(os.path.join(trained, "logs", "decoder_grids"))) == ["step-000002.png", "step-000004.png"]
+    assert [r["step"] for r in curve(trained)] == [1, 2, 3, 4]
+
+
+def test_interrupt_and_resume_reproduces_the_run(micro, trained, tmp_path):
+    broken = fresh_out(micro, tmp_path, "broken")
+    train(micro, broken, "--stop_after=2")
+    assert not os.path.exists(os.path.join(broken, "decoder")) and len(curve(broken)) == 2
+    assert "resumed from" in train(micro, broken).stdout
+    assert curve(broken) == [{**a, "images_per_s": b["images_per_s"]} for a, b in zip(curve(trained), curve(broken))]
+    whole, resumed = (load_file(os.path.join(out, "decoder", "unet", "diffusion_pytorch_model.safetensors"))
+                      for out in (trained, broken))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_one_step_on_an_sd15_shaped_unet(micro, tmp_path):
+    sd = tmp_path / "sd"
+    sd15_shaped_unet().save_pretrained(sd / "unet")
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                  set_alpha_to_one=False, steps_offset=1).save_pretrained(sd / "scheduler")
+    out = fresh_out(micro, tmp_path, "out")
+    train(micro, out, f"--sd_path={sd}", "--decoder_projector_hidden=2048", "--decoder_warmup_steps=0",
+          "--decoder_decay_steps=1")
+    before = load_file(sd / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(os.path.join(out, "decoder", "unet", "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    config = json.load(open(os.path.join(out, "decoder", "unet", "config.json")))
+    assert config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert config["cross_attention_dim"] == 768
+    projector = load_file(os.path.join(out, "decoder", "projector.safetensors"))
+    assert projector["0.weight"].shape == (2048, 32) and projector["3.weight"].shape == (768, 2048)
+    assert json.load(open(os.path.join(out, "decoder", "scheduler", "scheduler_config.json")))["beta_end"] == 0.012
+
+
+def test_sampler_is_deterministic_for_a_seed_and_batch_independent(micro, trained):
+    vis = load_visualizer(os.path.join(trained, "decoder"), f"{micro['base']}/vae")
+    tokens = torch.nn.functional.normalize(torch.randn(3, 64, 32), dim=-1).half()
+    a = decode_tokens(vis, tokens, steps=3, guidance=3.0, seed=0, batch_size=3)
+    assert len(a) == 3 and all(im.mode == "RGB" and im.size == (64, 64) for im in a)
+    arrays = lambda images: np.stack([np.asarray(im, dtype=np.int16) for im in images])
+    assert np.array_equal(arrays(a), arrays(decode_tokens(vis, tokens, steps=3, guidance=3.0, seed=0, batch_size=3)))
+    assert np.abs(arrays(a) - arrays(decode_tokens(vis, tokens, steps=3, seed=0, batch_size=1))).max() <= 1
+    assert not np.array_equal(arrays(a), arrays(decode_tokens(vis, tokens, steps=3, seed=1, batch_size=3)))
+
+
+def test_load_visualizer_without_a_trained_decoder_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python train_decoder.py"):
+        load_visualizer(str(tmp_path / "decoder"), str(tmp_path / "vae"))
+
+
+def test_scene_agreement_at_position_and_anywhere():
+    scene = [{"shape": "circle", "colour": "red", "size": "large", "x": 11, "y": 11},
+             {"shape": "square", "colour": "blue", "size": "large", "x": 53, "y": 53}]
+    moved = [{**o, "x": 64 - o["x"], "y": o["y"]} for o in scene]
+    original = [toyworld.render(scene)]
+    assert scene_agreement(original, original) == {"objects": 2, "shape_colour_at_position": 1.0,
+                                                   "shape_colour_anywhere": 1.0}
+    assert scene_agreement(original, [toyworld.render(moved)])["shape_colour_at_position"] == 0
+    assert scene_agreement(original, [toyworld.render(moved)])["shape_colour_anywhere"] == 1
+    assert scene_agreement(original, [toyworld.render([])])["shape_colour_anywhere"] == 0

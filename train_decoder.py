@@ -1,0 +1,442 @@
+"""
+The diffusion visualizer (PAPER.md Sec. 2.3, App. A.2): Stable Diffusion 1.5 finetuned to draw an image from its own
+64 SigLIP tokens instead of a CLIP caption, a "diffusion autoencoder". It renders the tokens MetaMorph predicts.
+
+    python train_decoder.py                                      # configs/tiny.py: a tiny UNet on 16x16x4 toy latents
+    torchrun --nproc_per_node=8 train_decoder.py configs/8b.py   # SD-1.5 from sd_path, 512 px
+
+Trained: the projector (tokens -> cross-attention states) and the UNet, on epsilon-prediction MSE. Frozen: SigLIP (its
+tokens come from encode.py's cache) and the VAE (its latents are encoded once, into out_dir/latents). Output:
+out_dir/decoder/ (unet/, scheduler/, projector.safetensors, decoder.json, grid.png), which sample.py and eval.py use as
+
+    vis = load_visualizer(os.path.join(out_dir, "decoder"), vae_path)
+    images = decode_tokens(vis, tokens)     # (B, 64, d_v) -> B PIL images: DDIM with classifier-free guidance
+
+Restarted with the same out_dir, it resumes from out_dir/ckpt/decoder (model, optimizer, schedule, step).
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from data import load_mixture
+from encode import TokenCache, load_image, open_index, write_shard
+from model import save_atomically
+from toyworld import read_scene
+from train_vpit import save_checkpoint, setup_distributed
+
+# ---------------------------------------------------------------------------------------------------------------------
+data_dir = "data/toy"
+image_root = ""  # image paths in the JSONL are relative to this; "" means data_dir
+out_dir = "out/tiny"
+vae_path = "out/tiny/base/vae"
+sd_path = ""  # a local Stable Diffusion 1.5 folder (unet/, scheduler/); "" builds a fresh UNet from decoder_unet
+decoder_unet = {"sample_size": 16, "block_out_channels": (64, 128, 128), "layers_per_block": 1,
+                "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                "cross_attention_dim": 128, "attention_head_dim": 4}  # UNet2DConditionModel config (sd_path "")
+decoder_noise_schedule = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                          "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
+                          "steps_offset": 1}  # SD-1.5's scheduler config, used when sd_path is ""
+decoder_projector_hidden = 512  # Sec. 2.3: 2048 for SD-1.5
+decoder_cond_len = 77  # App. A.2, released code: the 64 projected tokens zero-padded to CLIP's 77
+decoder_data = {"caption": -1, "generation": -1, "image_qa": -1}  # images only (App. A.2): those of these train files
+decoder_val = {"generation": 200}  # held-out images for the grids and the final report (first n of each val file)
+decoder_resolution = 64  # pixels; images are centre-cropped to a square and resized to this
+decoder_lr = 1e-3
+decoder_weight_decay = 0.01  # App. A.2
+decoder_warmup_steps = 50  # App. A.2: logarithmic warm-up from 0 to decoder_lr
+decoder_decay_steps = 450  # App. A.2: then linear decay to 0; training lasts warm-up + decay steps
+decoder_batch_size = 64  # global batch; gradient accumulation makes it up
+decoder_micro_batch_size = 64  # per process
+decoder_cond_drop = 0.1  # App. A.2 uses 0.7 ("CFG level 0.7") for SD-1.5; the toy needs more conditioned steps
+decoder_sample_steps = 25  # DDIM steps when decoding
+decoder_guidance = 3.0  # classifier-free guidance scale when decoding
+decoder_grid_images = 16  # val images in each grid of originals beside their decodings
+decoder_grid_interval = 100  # steps between grids in out_dir/logs/decoder_grids/
+decoder_score_scenes = True  # toy world: score decodings of the val images with toyworld.read_scene
+encode_batch_size = 64  # images per VAE batch when caching latents
+encode_shard_size = 4096  # latents per safetensors shard
+grad_clip = 1.0
+grad_checkpointing = False
+dtype = "auto"  # as in train_vpit.py: bf16 autocast on a CUDA GPU that has it, else fp32
+log_interval = 10
+ckpt_interval = 100
+stop_after = -1  # stop (as if killed) after this many steps; the next run resumes. -1: run to the end
+seed = 1337
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# ---- the model -------------------------------------------------------------------------------------------------------
+class Decoder(nn.Module):
+    """What trains: the projector (Sec. 2.3: Linear -> LayerNorm -> ReLU -> Linear -> LayerNorm) from visual tokens to
+    the UNet's cross-attention states, and the UNet. It also carries its noise schedule and pixel resolution."""
+
+    def __init__(self, unet, token_dim, hidden, cond_len, noise_scheduler, resolution):
+        super().__init__()
+        width = unet.config.cross_attention_dim
+        self.unet, self.cond_len, self.noise_scheduler, self.resolution = unet, cond_len, noise_scheduler, resolution
+        self.projector = nn.Sequential(nn.Linear(token_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                                       nn.Linear(hidden, width), nn.LayerNorm(width))
+
+    def condition(self, tokens, keep=None):
+        """(B, 64, d_v) -> (B, cond_len, width): projected, zeroed where keep is False, zero-padded to cond_len."""
+        states = self.projector(tokens)
+        if keep is not None:
+            states = states * keep[:, None, None].to(states.dtype)
+        return F.pad(states, (0, 0, 0, self.cond_len - states.shape[1]))
+
+    def forward(self, noisy_latents, timesteps, tokens, keep=None):
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=self.condition(tokens, keep)).sample
+
+    def save_pretrained(self, path):
+        os.makedirs(path, exist_ok=True)
+        self.unet.save_pretrained(os.path.join(path, "unet"))
+        self.noise_scheduler.save_pretrained(os.path.join(path, "scheduler"))
+        save_file(self.projector.state_dict(), os.path.join(path, "projector.safetensors"))
+        meta = {"token_dim": self.projector[0].in_features, "projector_hidden": self.projector[0].out_features,
+                "cond_len": self.cond_len, "resolution": self.resolution}
+        json.dump(meta, open(os.path.join(path, "decoder.json"), "w"), indent=1)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        meta = json.load(open(os.path.join(path, "decoder.json")))
+        decoder = cls(UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")), meta["token_dim"],
+                      meta["projector_hidden"], meta["cond_len"],
+                      DDPMScheduler.from_pretrained(os.path.join(path, "scheduler")), meta["resolution"])
+        decoder.projector.load_state_dict(load_file(os.path.join(path, "projector.safetensors")))
+        return decoder
+
+
+def new_decoder(token_dim):
+    """SD-1.5's UNet and noise schedule from sd_path, or a fresh UNet from decoder_unet; a new projector."""
+    if sd_path:
+        if not os.path.isdir(os.path.join(sd_path, "unet")):
+            raise FileNotFoundError(f"no Stable Diffusion UNet at {sd_path}/unet: put a local snapshot of "
+                                    "stable-diffusion-v1-5 there (unet/, scheduler/, vae/), or set sd_path=\"\"")
+        unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+        noise_scheduler = DDPMScheduler.from_pretrained(sd_path, subfolder="scheduler")
+    else:
+        unet, noise_scheduler = UNet2DConditionModel(**decoder_unet), DDPMScheduler.from_config(decoder_noise_schedule)
+    return Decoder(unet, token_dim, decoder_projector_hidden, decoder_cond_len, noise_scheduler, decoder_resolution)
+
+
+def load_vae(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"VAE not found at {path}: make the toy stand-in with `python pretrain_tiny.py`, or "
+                                "point vae_path at Stable Diffusion 1.5's vae/ folder")
+    return AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
+
+
+# ---- sampling: shared with sample.py and eval.py ---------------------------------------------------------------------
+class Visualizer:
+    def __init__(self, decoder, vae, device):
+        self.decoder, self.vae, self.device = decoder, vae, torch.device(device)
+        self.latent_side = decoder.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_visualizer(decoder_dir, vae_path, device="cpu"):
+    """The trained decoder (out_dir/decoder) and the frozen VAE, ready for decode_tokens."""
+    if not os.path.exists(os.path.join(decoder_dir, "decoder.json")):
+        raise FileNotFoundError(f"no trained diffusion decoder at {decoder_dir}: train it with "
+                                "`python train_decoder.py` (with the same config)")
+    return Visualizer(Decoder.from_pretrained(decoder_dir).to(device).eval(), load_vae(vae_path).to(device), device)
+
+
+@torch.no_grad()
+def decode_tokens(vis, tokens, steps=25, guidance=3.0, seed=0, batch_size=64):
+    """(B, 64, d_v) visual tokens -> B RGB PIL images: DDIM (eta 0) with classifier-free guidance, the all-zero
+    condition being the unconditional branch (App. A.2). Image i's starting noise depends only on seed and i, so the
+    images do not depend on batch_size."""
+    unet, side = vis.decoder.unet, vis.latent_side
+    noise = torch.randn((len(tokens), unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(seed))
+    images = []
+    for i in range(0, len(tokens), batch_size):
+        cond = vis.decoder.condition(tokens[i:i + batch_size].to(vis.device, torch.float32))
+        both = torch.cat([torch.zeros_like(cond), cond])
+        x = noise[i:i + batch_size].to(vis.device)
+        scheduler = DDIMScheduler.from_config(vis.decoder.noise_scheduler.config)
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            uncond, cond_eps = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
+            x = scheduler.step(uncond + guidance * (cond_eps - uncond), t, x).prev_sample
+        pixels = vis.vae.decode(x / vis.vae.config.scaling_factor).sample
+        pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images += [Image.fromarray(p) for p in pixels]
+    return images
+
+
+# ---- data: image lists, latent cache ---------------------------------------------------------------------------------
+def images_of(split, mixture):
+    """The images of a split's conversation files (first n samples per file as in the mixture), deduplicated."""
+    return list(dict.fromkeys(p for s in load_mixture(data_dir, split, mixture) for p in s.get("images", [])))
+
+
+def square(image, resolution):
+    """The centred square crop of a PIL image, resized to resolution x resolution."""
+    w, h = image.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return image.crop(box).resize((resolution, resolution), Image.BICUBIC)
+
+
+class LatentCache:
+    """out_dir/latents: one folder per rank that encoded (part-<rank>), each in encode.py's token-cache format (its
+    siglip_path field names the VAE, num_tokens the resolution), read as one: cache.get_many(paths) -> (n, 4, h, w)."""
+
+    def __init__(self, latents_dir):
+        self.where = {}
+        for index in sorted(glob.glob(os.path.join(latents_dir, "part-*", "index.json"))):
+            part = TokenCache(os.path.dirname(index))
+            self.where.update(dict.fromkeys(part.index, part))
+
+    def __contains__(self, path):
+        return path in self.where
+
+    def get_many(self, paths):
+        return torch.stack([self.where[p][p] for p in paths])
+
+
+@torch.no_grad()
+def cache_latents(vae, paths, rank, world, dev):
+    """Encode every image not yet cached, once (App. A.2: the VAE is frozen), as its latent mean x the VAE's scaling
+    factor; rank r encodes every world-th of them. Returns the whole cache."""
+    latents_dir, root = os.path.join(out_dir, "latents"), image_root or data_dir
+    cached = LatentCache(latents_dir)
+    todo = [p for p in paths if p not in cached][rank::world]
+    part = os.path.join(latents_dir, f"part-{rank:03d}")
+    index = open_index(part, vae_path, decoder_resolution)
+    index["dim"] = vae.config.latent_channels
+    os.makedirs(part, exist_ok=True)
+    done_paths, done_latents = [], []
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for i in tqdm(range(0, len(todo), encode_batch_size), desc="VAE latents", disable=not todo or rank != 0):
+            batch = todo[i:i + encode_batch_size]
+            images = [square(im, decoder_resolution) for im in pool.map(load_image, [os.path.join(root, p)
+                                                                                      for p in batch])]
+            pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+            posterior = vae.encode(pixels.to(dev)).latent_dist
+            done_latents += list((posterior.mean * vae.config.scaling_factor).cpu())
+            done_paths += batch
+            if len(done_paths) >= encode_shard_size or i + encode_batch_size >= len(todo):
+                write_shard(part, index, done_paths, done_latents)
+                done_paths, done_latents = [], []
+    if dist.is_initialized():
+        dist.barrier()
+    return LatentCache(latents_dir)
+
+
+# ---- training --------------------------------------------------------------------------------------------------------
+def lr_factor(step, warmup, decay):
+    """App. A.2: logarithmic warm-up from 0 to 1 over `warmup` steps (ln(1 + t) / ln(1 + W), the released code's),
+    then linear decay to 0 over `decay` steps, and 0 after."""
+    if step < warmup:
+        return math.log1p(step) / math.log1p(warmup)
+    return max(0.0, 1 - (step - warmup) / max(1, decay))
+
+
+@lru_cache(maxsize=2)
+def permutation(n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def global_batch(step, n, batch_size):
+    """Indices of step's global batch: one seeded permutation of the n images per epoch, read in order, so the data
+    position is a function of the step (a resumed run needs nothing else)."""
+    epoch, i = divmod(step, n // batch_size)
+    return permutation(n, seed + epoch)[i * batch_size:(i + 1) * batch_size]
+
+
+def training_noise(latent_shape, num_timesteps, cond_drop, generator):
+    """Noise, timesteps and the condition mask of one micro batch; keep is False with probability cond_drop
+    (App. A.2, "CFG level 0.7": the whole condition is zeroed)."""
+    n = latent_shape[0]
+    return (torch.randn(latent_shape, generator=generator),
+            torch.randint(0, num_timesteps, (n,), generator=generator),
+            torch.rand(n, generator=generator) >= cond_drop)
+
+
+def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
+    """AdamW + the App. A.2 schedule, epsilon-prediction MSE, gradient accumulation to decoder_batch_size with the
+    global batch sharded by global rank, atomic checkpoints and resume. Returns True once all steps are done."""
+    accum = decoder_batch_size // (decoder_micro_batch_size * world)
+    assert accum * decoder_micro_batch_size * world == decoder_batch_size, \
+        f"decoder_batch_size {decoder_batch_size} is not a multiple of decoder_micro_batch_size x world size"
+    assert len(paths) >= decoder_batch_size, f"{len(paths)} training images: fewer than decoder_batch_size"
+    total = decoder_warmup_steps + decoder_decay_steps
+    params = list(decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=decoder_lr, betas=(0.9, 0.999), weight_decay=decoder_weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, decoder_warmup_steps, decoder_decay_steps))
+    ckpt, step = os.path.join(out_dir, "ckpt", "decoder"), 0
+    if os.path.exists(os.path.join(ckpt, "trainer.pt")):  # the caller loaded the model from ckpt
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {step}/{total}")
+    engine = nn.parallel.DistributedDataParallel(decoder, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if world > 1 else decoder
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    num_timesteps, prediction = (decoder.noise_scheduler.config[k] for k in ("num_train_timesteps", "prediction_type"))
+    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+    log = open(os.path.join(out_dir, "logs", "decoder.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=total, initial=step, desc="decoder", disable=rank != 0)
+    decoder.train()
+    t0, start = time.time(), step
+    while step < total and step != stop_after:
+        share = global_batch(step, len(paths), decoder_batch_size)[rank::world]
+        loss_sum = 0.0
+        for k in range(accum):
+            idx = share[k * decoder_micro_batch_size:(k + 1) * decoder_micro_batch_size]
+            x0 = latents.get_many([paths[i] for i in idx]).to(dev)
+            cond = tokens.get_many([paths[i] for i in idx]).to(dev)
+            generator = torch.Generator().manual_seed(seed + (step * world + rank) * accum + k)
+            noise, t, keep = (v.to(dev) for v in training_noise(x0.shape, num_timesteps, decoder_cond_drop, generator))
+            sync = engine.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
+            with sync, amp:
+                pred = engine(decoder.noise_scheduler.add_noise(x0, noise, t), t, cond, keep)
+            target = noise if prediction == "epsilon" else decoder.noise_scheduler.get_velocity(x0, noise, t)
+            loss = F.mse_loss(pred.float(), target)
+            (loss / accum).backward()
+            loss_sum += loss.item() / accum
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update()
+        if world > 1:
+            loss_sum = torch.tensor(loss_sum, device=dev)
+            dist.all_reduce(loss_sum)
+            loss_sum = loss_sum.item() / world
+        if rank == 0:
+            record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                      "images_per_s": (step - start) * decoder_batch_size / (time.time() - t0)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if step % log_interval == 0:
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.0f}")
+            on_step(step)
+        if step % ckpt_interval == 0 and step < total:
+            if rank == 0:
+                save_checkpoint(ckpt, decoder, Decoder.save_pretrained, optimizer, scheduler, step)
+            if dist.is_initialized():
+                dist.barrier()
+    bar.close()
+    return step == total
+
+
+# ---- looking at the decodings ----------------------------------------------------------------------------------------
+def reconstruct(vis, tokens, paths):
+    """(originals at the decoder's resolution, decodings of their true visual tokens)."""
+    root = image_root or data_dir
+    originals = [square(load_image(os.path.join(root, p)), vis.decoder.resolution) for p in paths]
+    decodings = decode_tokens(vis, tokens.get_many(paths), decoder_sample_steps, decoder_guidance, seed,
+                              decoder_micro_batch_size)
+    return originals, decodings
+
+
+def grid(originals, decodings, per_row=8):
+    """Rows of originals, each with a row of their decodings under it."""
+    s = originals[0].size[0]
+    rows = math.ceil(len(originals) / per_row)
+    canvas = Image.new("RGB", (s * min(per_row, len(originals)), 2 * s * rows), "white")
+    for i, (a, b) in enumerate(zip(originals, decodings)):
+        x, y = s * (i % per_row), 2 * s * (i // per_row)
+        canvas.paste(a, (x, y))
+        canvas.paste(b, (x, y + s))
+    return canvas
+
+
+def scene_agreement(originals, decodings):
+    """Toy world (GenEval-style): of the objects read_scene finds in the originals, the share that the decoding has
+    with the same shape and colour at the same grid position, and the share matched on shape and colour anywhere."""
+    at_position = anywhere = total = 0
+    for original, decoding in zip(originals, decodings):
+        want, got = read_scene(original), read_scene(decoding)
+        total += len(want)
+        at_position += sum(any((g["shape"], g["colour"], g["position"]) == (o["shape"], o["colour"], o["position"])
+                               for g in got) for o in want)
+        kinds = lambda objects: Counter((o["shape"], o["colour"]) for o in objects)
+        anywhere += sum((kinds(want) & kinds(got)).values())
+    return {"objects": total, "shape_colour_at_position": at_position / max(1, total),
+            "shape_colour_anywhere": anywhere / max(1, total)}
+
+
+# ---- main ------------------------------------------------------------------------------------------------------------
+def main():
+    rank, world, dev = setup_distributed()
+    torch.manual_seed(seed)
+    stage_dir, ckpt = os.path.join(out_dir, "decoder"), os.path.join(out_dir, "ckpt", "decoder")
+    if os.path.exists(os.path.join(stage_dir, "decoder.json")):
+        return print(f"{stage_dir} already holds the finished decoder: delete it to train again")
+    t0 = time.time()
+    tokens = TokenCache(os.path.join(out_dir, "tokens"))
+    paths, val_paths = images_of("train", decoder_data), images_of("val", decoder_val)
+    missing = [p for p in paths + val_paths if p not in tokens]
+    if missing:
+        raise KeyError(f"{len(missing)} images, e.g. {missing[0]}, are not in the token cache {tokens.tokens_dir}: "
+                       "run `python encode.py` with this data_dir")
+    vae = load_vae(vae_path).to(dev)
+    latents = cache_latents(vae, paths, rank, world, dev)
+    resumed = os.path.exists(os.path.join(ckpt, "trainer.pt"))
+    decoder = (Decoder.from_pretrained(ckpt) if resumed else new_decoder(tokens.dim)).to(dev)
+    if grad_checkpointing:
+        decoder.unet.enable_gradient_checkpointing()
+    if rank == 0:
+        print(f"decoder: {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M trainable parameters (UNet + "
+              f"projector), {len(paths)} train images, {len(val_paths)} val images, world size {world}")
+    vis = Visualizer(decoder, vae, dev)
+
+    def show_progress(step):  # rank 0, after each step: a grid now and then, so a person sees training progress
+        if step % decoder_grid_interval == 0:
+            decoder.eval()
+            os.makedirs(os.path.join(out_dir, "logs", "decoder_grids"), exist_ok=True)
+            grid(*reconstruct(vis, tokens, val_paths[:decoder_grid_images])).save(
+                os.path.join(out_dir, "logs", "decoder_grids", f"step-{step:06d}.png"))
+            decoder.train()
+
+    done = train(decoder, latents, tokens, paths, rank, world, dev, show_progress)
+    if done and rank == 0:
+        decoder.eval()
+        train_minutes = (time.time() - t0) / 60
+        originals, decodings = reconstruct(vis, tokens, val_paths)
+        final_grid = grid(originals[:decoder_grid_images], decodings[:decoder_grid_images])
+        save_atomically(lambda tmp: (decoder.save_pretrained(tmp), final_grid.save(os.path.join(tmp, "grid.png"))),
+                        stage_dir)
+        report = {"minutes": (time.time() - t0) / 60, "train_minutes": train_minutes, "train_images": len(paths),
+                  "val_images": len(val_paths), "sample_steps": decoder_sample_steps, "guidance": decoder_guidance,
+                  "grid": os.path.join(stage_dir, "grid.png")}
+        if decoder_score_scenes:
+            report["scene_agreement"] = scene_agreement(originals, decodings)
+        json.dump(report, open(os.path.join(out_dir, "logs", "decoder_report.json"), "w"), indent=1)
+        print(json.dumps(report, indent=1))
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    configure(globals())
+    main()
