@@ -38,7 +38,7 @@ from tqdm import tqdm
 from data import load_mixture
 from encode import TokenCache, load_image, open_index, write_shard
 from model import save_atomically
-from toyworld import read_scene
+from toyworld import compare_scenes, read_scene
 from train_vpit import save_checkpoint, setup_distributed
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -374,8 +374,7 @@ def scene_agreement(originals, decodings):
     for original, decoding in zip(originals, decodings):
         want, got = read_scene(original), read_scene(decoding)
         total += len(want)
-        at_position += sum(any((g["shape"], g["colour"], g["position"]) == (o["shape"], o["colour"], o["position"])
-                               for g in got) for o in want)
+        at_position += sum(o["shape_colour"] for o in compare_scenes(want, got)[0])
         kinds = lambda objects: Counter((o["shape"], o["colour"]) for o in objects)
         anywhere += sum((kinds(want) & kinds(got)).values())
     return {"objects": total, "shape_colour_at_position": at_position / max(1, total),
