@@ -34,7 +34,7 @@ temperature = 0.0  # 0: greedy
 top_p = 1.0
 seed = 0
 decoder_sample_steps = 25
-decoder_guidance = 3.0
+decoder_guidance = 1.5
 samples_dir = ""  # "": out_dir/samples
 device = "auto"
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ The diffusion visualizer (PAPER.md Sec. 2.3, App. A.2): Stable Diffusion 1.5 fin
     python train_decoder.py                                      # configs/tiny.py: a tiny UNet on 16x16x4 toy latents
     torchrun --nproc_per_node=8 train_decoder.py configs/8b.py   # SD-1.5 from sd_path, 512 px
 
-Trained: the projector (tokens -> cross-attention states) and the UNet, on epsilon-prediction MSE. Frozen: SigLIP (its
+Trained: the projector (tokens -> cross-attention states) and the UNet, on the MSE of the target that the scheduler
+config names (SD-1.5: the noise, epsilon; configs/tiny.py's fresh UNet: the clean latent). Frozen: SigLIP (its
 tokens come from encode.py's cache) and the VAE (its latents are encoded once, into out_dir/latents). Output:
 out_dir/decoder/ (unet/, scheduler/, projector.safetensors, decoder.json, grid.png), which sample.py and eval.py use as
 
@@ -47,29 +48,32 @@ image_root = ""  # image paths in the JSONL are relative to this; "" means data_
 out_dir = "out/tiny"
 vae_path = "out/tiny/base/vae"
 sd_path = ""  # a local Stable Diffusion 1.5 folder (unet/, scheduler/); "" builds a fresh UNet from decoder_unet
-decoder_unet = {"sample_size": 16, "block_out_channels": (64, 128, 128), "layers_per_block": 1,
+decoder_unet = {"sample_size": 16, "block_out_channels": (32, 64, 64), "layers_per_block": 1,
                 "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                 "cross_attention_dim": 128, "attention_head_dim": 4}  # UNet2DConditionModel config (sd_path "")
 decoder_noise_schedule = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                           "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
-                          "steps_offset": 1}  # SD-1.5's scheduler config, used when sd_path is ""
+                          "steps_offset": 1, "prediction_type": "sample"}  # SD-1.5's, but predicting the clean
+# latent ("sample") where SD-1.5 predicts the noise: from scratch in minutes, a target that weighs the noisiest steps (where
+# the tokens decide what goes where) as much as the rest learns the scene ~5x faster (README, "The decoder")
 decoder_projector_hidden = 512  # Sec. 2.3: 2048 for SD-1.5
 decoder_cond_len = 77  # App. A.2, released code: the 64 projected tokens zero-padded to CLIP's 77
+decoder_spatial_channels = 16  # > 0: the projected tokens also enter as an 8x8 map stacked on the latents (Decoder)
 decoder_data = {"caption": -1, "generation": -1, "image_qa": -1}  # images only (App. A.2): those of these train files
 decoder_val = {"generation": 200}  # held-out images for the grids and the final report (first n of each val file)
 decoder_resolution = 64  # pixels; images are centre-cropped to a square and resized to this
-decoder_lr = 1e-3
+decoder_lr = 2e-3
 decoder_weight_decay = 0.01  # App. A.2
 decoder_warmup_steps = 50  # App. A.2: logarithmic warm-up from 0 to decoder_lr
-decoder_decay_steps = 450  # App. A.2: then linear decay to 0; training lasts warm-up + decay steps
-decoder_batch_size = 64  # global batch; gradient accumulation makes it up
-decoder_micro_batch_size = 64  # per process
+decoder_decay_steps = 1150  # App. A.2: then linear decay to 0; training lasts warm-up + decay steps
+decoder_batch_size = 32  # global batch; gradient accumulation makes it up
+decoder_micro_batch_size = 32  # per process
 decoder_cond_drop = 0.1  # App. A.2 uses 0.7 ("CFG level 0.7") for SD-1.5; the toy needs more conditioned steps
 decoder_sample_steps = 25  # DDIM steps when decoding
-decoder_guidance = 3.0  # classifier-free guidance scale when decoding
+decoder_guidance = 1.5  # classifier-free guidance scale when decoding (toy, measured: 1.5 > 1.0, 2.0 > 3.0 > 5.0)
 decoder_grid_images = 16  # val images in each grid of originals beside their decodings
-decoder_grid_interval = 100  # steps between grids in out_dir/logs/decoder_grids/
+decoder_grid_interval = 200  # steps between grids in out_dir/logs/decoder_grids/
 decoder_score_scenes = True  # toy world: score decodings of the val images with toyworld.read_scene
 encode_batch_size = 64  # images per VAE batch when caching latents
 encode_shard_size = 4096  # latents per safetensors shard
@@ -86,32 +90,43 @@ seed = 1337
 # ---- the model -------------------------------------------------------------------------------------------------------
 class Decoder(nn.Module):
     """What trains: the projector (Sec. 2.3: Linear -> LayerNorm -> ReLU -> Linear -> LayerNorm) from visual tokens to
-    the UNet's cross-attention states, and the UNet. It also carries its noise schedule and pixel resolution."""
+    the UNet's cross-attention states, and the UNet. It also carries its noise schedule and pixel resolution.
+    spatial_channels > 0 (configs/tiny.py only) also lays the projected tokens out as their 8x8 grid, through a
+    Linear to that many channels, upsampled and stacked onto the noisy latents (the UNet has as many more input
+    channels, like SD's inpainting UNet): a UNet trained from scratch in minutes cannot learn where each token goes
+    through cross-attention alone, SD-1.5's pretrained one can (see README, "The decoder")."""
 
-    def __init__(self, unet, token_dim, hidden, cond_len, noise_scheduler, resolution):
+    def __init__(self, unet, token_dim, hidden, cond_len, noise_scheduler, resolution, spatial_channels=0):
         super().__init__()
         width = unet.config.cross_attention_dim
         self.unet, self.cond_len, self.noise_scheduler, self.resolution = unet, cond_len, noise_scheduler, resolution
         self.projector = nn.Sequential(nn.Linear(token_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(),
                                        nn.Linear(hidden, width), nn.LayerNorm(width))
+        self.spatial = nn.Linear(width, spatial_channels) if spatial_channels else None
 
     def condition(self, tokens, keep=None):
-        """(B, 64, d_v) -> (B, cond_len, width): projected, zeroed where keep is False, zero-padded to cond_len."""
+        """(B, 64, d_v) -> (B, 64, width) projected tokens, zeroed where keep is False (the unconditional branch)."""
         states = self.projector(tokens)
-        if keep is not None:
-            states = states * keep[:, None, None].to(states.dtype)
-        return F.pad(states, (0, 0, 0, self.cond_len - states.shape[1]))
+        return states if keep is None else states * keep[:, None, None].to(states.dtype)
 
     def forward(self, noisy_latents, timesteps, tokens, keep=None):
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=self.condition(tokens, keep)).sample
+        states = self.condition(tokens, keep)
+        if self.spatial is not None:
+            side = math.isqrt(states.shape[1])
+            grid = self.spatial(states).transpose(1, 2).reshape(len(states), -1, side, side)
+            noisy_latents = torch.cat([noisy_latents, F.interpolate(grid, size=noisy_latents.shape[-2:])], 1)
+        padded = F.pad(states, (0, 0, 0, self.cond_len - states.shape[1]))  # zero rows up to CLIP's 77
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=padded).sample
 
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
         self.unet.save_pretrained(os.path.join(path, "unet"))
         self.noise_scheduler.save_pretrained(os.path.join(path, "scheduler"))
-        save_file(self.projector.state_dict(), os.path.join(path, "projector.safetensors"))
+        save_file({k: v for k, v in self.state_dict().items() if not k.startswith("unet.")},
+                  os.path.join(path, "projector.safetensors"))
         meta = {"token_dim": self.projector[0].in_features, "projector_hidden": self.projector[0].out_features,
-                "cond_len": self.cond_len, "resolution": self.resolution}
+                "cond_len": self.cond_len, "resolution": self.resolution,
+                "spatial_channels": self.spatial.out_features if self.spatial is not None else 0}
         json.dump(meta, open(os.path.join(path, "decoder.json"), "w"), indent=1)
 
     @classmethod
@@ -119,12 +134,15 @@ class Decoder(nn.Module):
         meta = json.load(open(os.path.join(path, "decoder.json")))
         decoder = cls(UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")), meta["token_dim"],
                       meta["projector_hidden"], meta["cond_len"],
-                      DDPMScheduler.from_pretrained(os.path.join(path, "scheduler")), meta["resolution"])
-        decoder.projector.load_state_dict(load_file(os.path.join(path, "projector.safetensors")))
+                      DDPMScheduler.from_pretrained(os.path.join(path, "scheduler")), meta["resolution"],
+                      meta.get("spatial_channels", 0))
+        missing, unexpected = decoder.load_state_dict(load_file(os.path.join(path, "projector.safetensors")),
+                                                      strict=False)
+        assert not unexpected and all(k.startswith("unet.") for k in missing), (missing, unexpected)
         return decoder
 
 
-def new_decoder(token_dim):
+def new_decoder(token_dim, latent_channels=4):
     """SD-1.5's UNet and noise schedule from sd_path, or a fresh UNet from decoder_unet; a new projector."""
     if sd_path:
         if not os.path.isdir(os.path.join(sd_path, "unet")):
@@ -132,9 +150,13 @@ def new_decoder(token_dim):
                                     "stable-diffusion-v1-5 there (unet/, scheduler/, vae/), or set sd_path=\"\"")
         unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
         noise_scheduler = DDPMScheduler.from_pretrained(sd_path, subfolder="scheduler")
+        assert decoder_spatial_channels == 0, "SD-1.5's UNet takes the latents alone: set decoder_spatial_channels=0"
     else:
-        unet, noise_scheduler = UNet2DConditionModel(**decoder_unet), DDPMScheduler.from_config(decoder_noise_schedule)
-    return Decoder(unet, token_dim, decoder_projector_hidden, decoder_cond_len, noise_scheduler, decoder_resolution)
+        unet = UNet2DConditionModel(**decoder_unet, in_channels=latent_channels + decoder_spatial_channels,
+                                    out_channels=latent_channels)
+        noise_scheduler = DDPMScheduler.from_config(decoder_noise_schedule)
+    return Decoder(unet, token_dim, decoder_projector_hidden, decoder_cond_len, noise_scheduler, decoder_resolution,
+                   decoder_spatial_channels)
 
 
 def load_vae(path):
@@ -164,17 +186,18 @@ def decode_tokens(vis, tokens, steps=25, guidance=3.0, seed=0, batch_size=64):
     """(B, 64, d_v) visual tokens -> B RGB PIL images: DDIM (eta 0) with classifier-free guidance, the all-zero
     condition being the unconditional branch (App. A.2). Image i's starting noise depends only on seed and i, so the
     images do not depend on batch_size."""
-    unet, side = vis.decoder.unet, vis.latent_side
-    noise = torch.randn((len(tokens), unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(seed))
+    side = vis.latent_side
+    noise = torch.randn((len(tokens), vis.vae.config.latent_channels, side, side),
+                        generator=torch.Generator().manual_seed(seed))
     images = []
     for i in range(0, len(tokens), batch_size):
-        cond = vis.decoder.condition(tokens[i:i + batch_size].to(vis.device, torch.float32))
-        both = torch.cat([torch.zeros_like(cond), cond])
+        batch = tokens[i:i + batch_size].to(vis.device, torch.float32)
+        both, keep = torch.cat([batch, batch]), torch.arange(2 * len(batch), device=vis.device) >= len(batch)
         x = noise[i:i + batch_size].to(vis.device)
         scheduler = DDIMScheduler.from_config(vis.decoder.noise_scheduler.config)
         scheduler.set_timesteps(steps)
         for t in scheduler.timesteps:
-            uncond, cond_eps = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
+            uncond, cond_eps = vis.decoder(torch.cat([x, x]), t.expand(len(both)), both, keep).chunk(2)
             x = scheduler.step(uncond + guidance * (cond_eps - uncond), t, x).prev_sample
         pixels = vis.vae.decode(x / vis.vae.config.scaling_factor).sample
         pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -272,8 +295,19 @@ def training_noise(latent_shape, num_timesteps, cond_drop, generator):
             torch.rand(n, generator=generator) >= cond_drop)
 
 
+def training_target(noise_scheduler, x0, noise, t):
+    """What the UNet learns to predict, as its scheduler config says: the noise (SD-1.5's "epsilon"), the clean latent
+    ("sample", configs/tiny.py) or the velocity ("v_prediction"). The DDIM sampler reads the same config."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    return noise_scheduler.get_velocity(x0, noise, t)
+
+
 def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
-    """AdamW + the App. A.2 schedule, epsilon-prediction MSE, gradient accumulation to decoder_batch_size with the
+    """AdamW + the App. A.2 schedule, MSE on the scheduler's prediction type, gradient accumulation to decoder_batch_size with the
     global batch sharded by global rank, atomic checkpoints and resume. Returns True once all steps are done."""
     accum = decoder_batch_size // (decoder_micro_batch_size * world)
     assert accum * decoder_micro_batch_size * world == decoder_batch_size, \
@@ -296,7 +330,7 @@ def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
         if world > 1 else decoder
     bf16 = dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-    num_timesteps, prediction = (decoder.noise_scheduler.config[k] for k in ("num_train_timesteps", "prediction_type"))
+    num_timesteps = decoder.noise_scheduler.config.num_train_timesteps
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     log = open(os.path.join(out_dir, "logs", "decoder.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, desc="decoder", disable=rank != 0)
@@ -314,8 +348,7 @@ def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
             sync = engine.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
             with sync, amp:
                 pred = engine(decoder.noise_scheduler.add_noise(x0, noise, t), t, cond, keep)
-            target = noise if prediction == "epsilon" else decoder.noise_scheduler.get_velocity(x0, noise, t)
-            loss = F.mse_loss(pred.float(), target)
+            loss = F.mse_loss(pred.float(), training_target(decoder.noise_scheduler, x0, noise, t))
             (loss / accum).backward()
             loss_sum += loss.item() / accum
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

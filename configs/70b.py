@@ -49,6 +49,7 @@ deepspeed_config = "configs/zero3.json"  # ZeRO-3 on H100 (App. A.1)
 # ---- diffusion visualizer: SD-1.5 finetuned on the SigLIP tokens (Sec. 2.3, App. A.2; train_decoder.py) -----------
 # The decoder does not depend on the LLM: the same recipe as configs/8b.py (one trained decoder serves both).
 sd_path = "checkpoints/stable-diffusion-v1-5"  # its unet/ and scheduler/ are finetuned from; its vae/ is vae_path
+decoder_spatial_channels = 0  # SD-1.5 conditions through cross-attention alone, as in the paper
 decoder_resolution = 512
 decoder_projector_hidden = 2048  # Linear(1152, 2048) -> LayerNorm -> ReLU -> Linear(2048, 768) -> LayerNorm
 decoder_data = {"generation": -1}  # images only: those of the MetaCLIP generation pairs

@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import PNDMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
 import toyworld
 from conftest import run
-from train_decoder import Decoder, decode_tokens, load_visualizer, lr_factor, scene_agreement, training_noise
+from train_decoder import (Decoder, decode_tokens, load_visualizer, lr_factor, scene_agreement, training_noise,
+                           training_target)
 
 MICRO_UNET = ("--decoder_unet={'sample_size': 32, 'block_out_channels': (16, 16), 'layers_per_block': 1, "
               "'down_block_types': ('CrossAttnDownBlock2D', 'DownBlock2D'), 'up_block_types': ('UpBlock2D', "
@@ -63,16 +64,44 @@ def test_schedule_log_warmup_then_linear_decay():
     assert all(lr_factor(s, W, D) < lr_factor(s + 1, W, D) for s in range(W))
 
 
-def test_projector_shapes_and_zeroed_padded_condition():
+def test_projector_shapes_and_dropped_condition():
     torch.manual_seed(0)
     decoder = Decoder(sd15_shaped_unet(), 1152, 2048, 77, None, 256)
     shapes = [tuple(p.shape) for p in decoder.projector.parameters()]
     assert shapes == [(2048, 1152), (2048,), (2048,), (2048,), (768, 2048), (768,), (768,), (768,)]
     assert [type(m).__name__ for m in decoder.projector] == ["Linear", "LayerNorm", "ReLU", "Linear", "LayerNorm"]
     states = decoder.condition(torch.randn(3, 64, 1152), keep=torch.tensor([True, False, True]))
-    assert states.shape == (3, 77, 768)
-    assert states[1].abs().sum() == 0 and states[:, 64:].abs().sum() == 0  # dropped, and the 13 padding rows
-    assert (states[[0, 2], :64].abs().sum(-1) > 0).all()
+    assert states.shape == (3, 64, 768)
+    assert states[1].abs().sum() == 0 and (states[[0, 2]].abs().sum(-1) > 0).all()  # the dropped one is zero
+
+
+def test_spatial_map_puts_each_token_on_its_own_cell():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4 + 3, out_channels=4, block_out_channels=(8, 8),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), norm_num_groups=4,
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=2, layers_per_block=1)
+    decoder = Decoder(unet, 5, 16, 77, None, 64, spatial_channels=3)
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args[0], kwargs["encoder_hidden_states"])),
+                                   with_kwargs=True)
+    tokens, latents = torch.randn(1, 64, 5), torch.randn(1, 4, 16, 16)
+    moved = tokens.clone()
+    moved[0, 8 * 2 + 5] += 1  # the token of grid row 2, column 5
+    decoder(latents, torch.tensor([10]), tokens)
+    decoder(latents, torch.tensor([10]), moved)
+    (a, states), (b, _) = seen
+    assert a.shape == (1, 7, 16, 16) and torch.equal(a[:, :4], latents) and states.shape == (1, 77, 8)
+    changed = (a[0, 4:] != b[0, 4:]).any(0)  # latent pixels whose spatial condition changed: the 2x2 of that cell
+    assert changed.nonzero().tolist() == [[4, 10], [4, 11], [5, 10], [5, 11]]
+
+
+def test_training_target_follows_the_scheduler_config():
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    target = lambda kind: training_target(DDPMScheduler(prediction_type=kind), x0, noise, t)
+    assert torch.equal(target("epsilon"), noise) and torch.equal(target("sample"), x0)
+    ab = DDPMScheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(target("v_prediction"), ab.sqrt() * noise - (1 - ab).sqrt() * x0, atol=1e-6)
 
 
 def test_condition_drop_rate_is_measured_at_the_configured_probability():
@@ -110,7 +139,7 @@ def test_one_step_on_an_sd15_shaped_unet(micro, tmp_path):
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                   set_alpha_to_one=False, steps_offset=1).save_pretrained(sd / "scheduler")
     out = fresh_out(micro, tmp_path, "out")
-    train(micro, out, f"--sd_path={sd}", "--decoder_projector_hidden=2048", "--decoder_warmup_steps=0",
+    train(micro, out, f"--sd_path={sd}", "--decoder_spatial_channels=0", "--decoder_projector_hidden=2048", "--decoder_warmup_steps=0",
           "--decoder_decay_steps=1")
     before = load_file(sd / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(os.path.join(out, "decoder", "unet", "diffusion_pytorch_model.safetensors"))
