@@ -34,9 +34,9 @@ vpit_data = {"image_qa": -1, "video_qa": -1, "generation": -1, "image_edit": -1,
              "visual_thinking": -1}  # task -> number of samples (-1: all); ablations change this mix
 vpit_val = 64  # val samples per task for the periodic val loss
 vpit_init = "adapter"  # stage-1 checkpoint under out_dir whose adapter and delimiter rows start stage 2 ("": fresh)
-vpit_lr = 1e-3
+vpit_lr = 3e-4  # toy: 1e-3 learned only the answers' priors; 3e-4 reads the context (README, "Stage 2")
 vpit_weight_decay = 0.0  # Tab. 2
-vpit_batch_size = 64  # global batch, in conversations
+vpit_batch_size = 16  # global batch, in conversations (toy: 4x the steps of 64 for the same compute)
 vpit_epochs = 1
 vpit_warmup_ratio = 0.03  # released scripts
 micro_batch_size = 16  # per process; gradient accumulation makes up the global batch

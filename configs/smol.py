@@ -11,4 +11,4 @@ siglip_path = "out/tiny/base/siglip"
 llm_path = "out/smol/base/llm"  # prepare_smol.py's smol_path
 vae_path = "out/tiny/base/vae"
 out_dir = "out/smol"
-vpit_lr = 1e-4  # the whole LLM is fine-tuned in stage 2: the toy default (1e-3) would wreck a pretrained model
+vpit_lr = 1e-4  # the whole LLM is fine-tuned in stage 2: a pretrained model wants a smaller step than the toy
