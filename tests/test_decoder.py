@@ -139,8 +139,8 @@ def test_one_step_on_an_sd15_shaped_unet(micro, tmp_path):
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                   set_alpha_to_one=False, steps_offset=1).save_pretrained(sd / "scheduler")
     out = fresh_out(micro, tmp_path, "out")
-    train(micro, out, f"--sd_path={sd}", "--decoder_spatial_channels=0", "--decoder_projector_hidden=2048", "--decoder_warmup_steps=0",
-          "--decoder_decay_steps=1")
+    train(micro, out, f"--sd_path={sd}", "--decoder_spatial_channels=0", "--decoder_projector_hidden=2048",
+          "--decoder_warmup_steps=0", "--decoder_decay_steps=1")
     before = load_file(sd / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(os.path.join(out, "decoder", "unet", "diffusion_pytorch_model.safetensors"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
@@ -148,7 +148,8 @@ def test_one_step_on_an_sd15_shaped_unet(micro, tmp_path):
     assert config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert config["cross_attention_dim"] == 768
     projector = load_file(os.path.join(out, "decoder", "projector.safetensors"))
-    assert projector["0.weight"].shape == (2048, 32) and projector["3.weight"].shape == (768, 2048)
+    assert sorted(projector) == [f"projector.{i}.{w}" for i in (0, 1, 3, 4) for w in ("bias", "weight")]
+    assert projector["projector.0.weight"].shape == (2048, 32) and projector["projector.3.weight"].shape == (768, 2048)
     assert json.load(open(os.path.join(out, "decoder", "scheduler", "scheduler_config.json")))["beta_end"] == 0.012
 
 
