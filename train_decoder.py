@@ -182,7 +182,7 @@ def load_visualizer(decoder_dir, vae_path, device="cpu"):
 
 
 @torch.no_grad()
-def decode_tokens(vis, tokens, steps=25, guidance=3.0, seed=0, batch_size=64):
+def decode_tokens(vis, tokens, steps=25, guidance=1.5, seed=0, batch_size=64):
     """(B, 64, d_v) visual tokens -> B RGB PIL images: DDIM (eta 0) with classifier-free guidance, the all-zero
     condition being the unconditional branch (App. A.2). Image i's starting noise depends only on seed and i, so the
     images do not depend on batch_size."""
@@ -197,8 +197,8 @@ def decode_tokens(vis, tokens, steps=25, guidance=3.0, seed=0, batch_size=64):
         scheduler = DDIMScheduler.from_config(vis.decoder.noise_scheduler.config)
         scheduler.set_timesteps(steps)
         for t in scheduler.timesteps:
-            uncond, cond_eps = vis.decoder(torch.cat([x, x]), t.expand(len(both)), both, keep).chunk(2)
-            x = scheduler.step(uncond + guidance * (cond_eps - uncond), t, x).prev_sample
+            uncond, cond = vis.decoder(torch.cat([x, x]), t.expand(len(both)), both, keep).chunk(2)
+            x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample  # any prediction type
         pixels = vis.vae.decode(x / vis.vae.config.scaling_factor).sample
         pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         images += [Image.fromarray(p) for p in pixels]
