@@ -55,8 +55,8 @@ decoder_unet = {"sample_size": 16, "block_out_channels": (32, 64, 64), "layers_p
 decoder_noise_schedule = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                           "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
                           "steps_offset": 1, "prediction_type": "sample"}  # SD-1.5's, but predicting the clean
-# latent ("sample") where SD-1.5 predicts the noise: from scratch in minutes, a target that weighs the noisiest steps (where
-# the tokens decide what goes where) as much as the rest learns the scene ~5x faster (README, "The decoder")
+# latent ("sample") where SD-1.5 predicts the noise: from scratch in minutes, a target that weighs the noisiest steps
+# (where the tokens decide what goes where) as much as the rest learns the scene ~5x faster (README, "The decoder")
 decoder_projector_hidden = 512  # Sec. 2.3: 2048 for SD-1.5
 decoder_cond_len = 77  # App. A.2, released code: the 64 projected tokens zero-padded to CLIP's 77
 decoder_spatial_channels = 16  # > 0: the projected tokens also enter as an 8x8 map stacked on the latents (Decoder)
@@ -125,17 +125,16 @@ class Decoder(nn.Module):
         save_file({k: v for k, v in self.state_dict().items() if not k.startswith("unet.")},
                   os.path.join(path, "projector.safetensors"))
         meta = {"token_dim": self.projector[0].in_features, "projector_hidden": self.projector[0].out_features,
-                "cond_len": self.cond_len, "resolution": self.resolution,
-                "spatial_channels": self.spatial.out_features if self.spatial is not None else 0}
+                "cond_len": self.cond_len, "resolution": self.resolution}
         json.dump(meta, open(os.path.join(path, "decoder.json"), "w"), indent=1)
 
     @classmethod
     def from_pretrained(cls, path):
         meta = json.load(open(os.path.join(path, "decoder.json")))
-        decoder = cls(UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")), meta["token_dim"],
-                      meta["projector_hidden"], meta["cond_len"],
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"))
+        decoder = cls(unet, meta["token_dim"], meta["projector_hidden"], meta["cond_len"],
                       DDPMScheduler.from_pretrained(os.path.join(path, "scheduler")), meta["resolution"],
-                      meta.get("spatial_channels", 0))
+                      unet.config.in_channels - unet.config.out_channels)  # the spatial map's channels
         missing, unexpected = decoder.load_state_dict(load_file(os.path.join(path, "projector.safetensors")),
                                                       strict=False)
         assert not unexpected and all(k.startswith("unet.") for k in missing), (missing, unexpected)
@@ -307,8 +306,9 @@ def training_target(noise_scheduler, x0, noise, t):
 
 
 def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
-    """AdamW + the App. A.2 schedule, MSE on the scheduler's prediction type, gradient accumulation to decoder_batch_size with the
-    global batch sharded by global rank, atomic checkpoints and resume. Returns True once all steps are done."""
+    """AdamW + the App. A.2 schedule, MSE on the scheduler's prediction type, gradient accumulation to
+    decoder_batch_size with the global batch sharded by global rank, atomic checkpoints and resume. Returns True once
+    all steps are done."""
     accum = decoder_batch_size // (decoder_micro_batch_size * world)
     assert accum * decoder_micro_batch_size * world == decoder_batch_size, \
         f"decoder_batch_size {decoder_batch_size} is not a multiple of decoder_micro_batch_size x world size"
@@ -431,7 +431,8 @@ def main():
     vae = load_vae(vae_path).to(dev)
     latents = cache_latents(vae, paths, rank, world, dev)
     resumed = os.path.exists(os.path.join(ckpt, "trainer.pt"))
-    decoder = (Decoder.from_pretrained(ckpt) if resumed else new_decoder(tokens.dim)).to(dev)
+    decoder = Decoder.from_pretrained(ckpt) if resumed else new_decoder(tokens.dim, vae.config.latent_channels)
+    decoder = decoder.to(dev)
     if grad_checkpointing:
         decoder.unet.enable_gradient_checkpointing()
     if rank == 0:
