@@ -129,7 +129,7 @@ class MetaMorph(nn.Module):
         is_slot = slots >= 0
         if is_slot.any():
             embeds = embeds.clone()
-            embeds[is_slot] = self.adapter(visual_tokens[slots[is_slot]].to(embeds.dtype))
+            embeds[is_slot] = self.adapter(visual_tokens[slots[is_slot]].to(embeds.dtype)).to(embeds.dtype)  # (autocast: bf16)
         return embeds
 
     def hidden_states(self, input_ids, slots, visual_tokens, attention_mask=None):

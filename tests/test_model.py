@@ -105,6 +105,16 @@ def test_no_visual_targets_gives_zero_vision_loss_not_nan(model):
     assert model.adapter[0].weight.grad.abs().sum() > 0
 
 
+def test_bf16_autocast_forward_matches_fp32(model):
+    """dtype="bfloat16" (or a bf16 GPU) trains fp32 weights under autocast: the adapter's bf16 output must still go
+    into the fp32 embedding rows, and the loss stay close to fp32's."""
+    batch = batch_of(model, ["generation", "image_qa"])
+    total, _, _ = model(**batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total_bf16, _, _ = model(**batch)
+    assert torch.isfinite(total_bf16) and abs(total_bf16.item() - total.item()) < 0.05 * total.item()
+
+
 def test_stage1_trains_only_adapter_and_delimiter_rows(micro):
     m = MetaMorph.from_llm(f"{micro['base']}/llm", D_V, N)
     params = freeze_all_but_adapter(m)
