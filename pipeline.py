@@ -1,7 +1,7 @@
 """
 The whole job, one command: every stage in order, each skipped when its artefact is already there.
 
-    python pipeline.py                    # the toy world on a CPU: about 40 minutes on 2 cores from a fresh clone
+    python pipeline.py                    # the toy world on a CPU: about 25 minutes on 2 cores from a fresh clone
     python pipeline.py configs/8b.py      # real models and data: encode, stage 1, stage 2, decoder, eval, samples
     python pipeline.py --force=train_vpit.py   # run one stage again (and so the stages after it)
 
@@ -54,18 +54,27 @@ def run(script, config, parallel, *args):
     return time.time() - start
 
 
-def main(config):
+def plan():
+    """The stages to run, in order: those whose artefact is missing, and --force's stage with every stage after it
+    (whose artefacts are cleared, as a finished stage would otherwise say it is already done)."""
     names = [s for s, _, _ in stages()]
     if force and force not in names:
         raise ValueError(f"--force={force}: not a stage of this pipeline ({', '.join(names)})")
-    times, forced = {}, False
+    todo, forced = [], False
     for script, done, parallel in stages():
         forced = forced or script == force
         if os.path.exists(done) and not forced:
             print(f"=== {script}: done ({done} exists), skipped")
             continue
-        if forced and script != "toyworld.py":  # a stage that finished once says "already done": clear its artefact
+        if forced and script != "toyworld.py":
             shutil.rmtree(os.path.dirname(done), ignore_errors=True)
+        todo.append((script, parallel))
+    return todo
+
+
+def main(config):
+    times = {}
+    for script, parallel in plan():
         times[script] = run(script, config, parallel)
     for k, (prompt, image) in enumerate(samples):
         extra = ["--image", os.path.join(data_dir, image)] if image else []

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import toyworld
-from model import save_atomically
+from model import save_atomically, wants_bf16
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -29,6 +29,7 @@ siglip_path = "out/tiny/base/siglip"
 llm_path = "out/tiny/base/llm"
 vae_path = "out/tiny/base/vae"
 seed = 1337
+dtype = "auto"  # "auto": bf16 autocast for the SigLIP and VAE steps on a CPU with AMX bf16 (or a bf16 GPU), else fp32
 # SigLIP stand-in
 siglip_width = 128
 siglip_layers = 2  # shallow: patch tokens stay local (the 64 tokens must say what is where)
@@ -58,15 +59,17 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'
                  "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def train(params, loss_fn, steps, lr, desc):
-    """AdamW, linear warm-up over 5% of the steps, cosine decay to 10%; loss_fn(step) -> scalar loss."""
+def train(params, loss_fn, steps, lr, desc, bf16=False):
+    """AdamW, linear warm-up over 5% of the steps, cosine decay to 10%; loss_fn(step) -> scalar loss, under bf16
+    autocast if bf16 (the weights stay fp32)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
         1 + math.cos(math.pi * min(s / steps, 1.0)))))
     bar = tqdm(range(steps), desc=desc)
     for step in bar:
-        loss = loss_fn(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -211,7 +214,8 @@ def pretrain_siglip():
             model.train()
             return embed(model, tokenizer, processor, *caption_pairs(rng, siglip_batch)).loss
 
-        train(list(model.parameters()), loss_fn, siglip_steps, siglip_lr, "SigLIP stand-in")
+        train(list(model.parameters()), loss_fn, siglip_steps, siglip_lr, "SigLIP stand-in",
+              bf16=wants_bf16(dtype, torch.device("cpu"), amx_cpu=True))
         tokenizer.model_max_length = siglip_text_len
         save_atomically(lambda p: (model.save_pretrained(p), tokenizer.save_pretrained(p),
                                    processor.save_pretrained(p)), siglip_path)
@@ -255,7 +259,8 @@ def pretrain_vae():
             posterior = vae.encode(x).latent_dist
             return F.mse_loss(vae.decode(posterior.sample()).sample, x) + vae_kl_weight * posterior.kl().mean()
 
-        train(list(vae.parameters()), loss_fn, vae_steps, vae_lr, "VAE stand-in")
+        train(list(vae.parameters()), loss_fn, vae_steps, vae_lr, "VAE stand-in",
+              bf16=wants_bf16(dtype, torch.device("cpu"), amx_cpu=True))
         with torch.no_grad():  # latents scaled to unit variance, as SD's 0.18215 does for its VAE
             std = vae.encode(pixels[:512]).latent_dist.mean.std().item()
         vae.register_to_config(scaling_factor=1.0 / std)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data import length_grouped_batches, stage_data
 from encode import TokenCache
-from model import MetaMorph, build_sample, save_atomically
+from model import MetaMorph, build_sample, save_atomically, wants_bf16
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -118,7 +118,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
     accum = hp["batch_size"] // (hp["micro_batch_size"] * world)
     assert accum * hp["micro_batch_size"] * world == hp["batch_size"], \
         f"batch_size {hp['batch_size']} is not a multiple of micro_batch_size x world size"
-    bf16 = hp["dtype"] == "bfloat16" or (hp["dtype"] == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = wants_bf16(hp["dtype"], dev)
     micro_batches = [b for epoch in range(hp["epochs"]) for b in
                      length_grouped_batches(train_set.lengths(), hp["micro_batch_size"], hp["seed"] + epoch)]
     total_steps = len(micro_batches) // (accum * world)

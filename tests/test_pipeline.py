@@ -1,0 +1,61 @@
+"""pipeline.py's scheduling, on stand-in stage scripts that only record when they ran and write their artefact: the
+order, what is skipped, and what --force re-runs."""
+import json
+import os
+import time
+
+import pytest
+
+import pipeline
+
+FAKE_STAGE = """import json, os, sys, time
+start = time.time()
+time.sleep(0.1)
+out = os.environ["FAKE_OUT"]
+json.dump({"start": start, "end": time.time()},
+          open(os.path.join(out, os.path.basename(sys.argv[0]) + ".json"), "w"))
+artefact = json.load(open(os.path.join(out, "artefacts.json")))[os.path.basename(sys.argv[0])]
+os.makedirs(os.path.dirname(artefact), exist_ok=True)
+open(artefact, "w").write("done")
+"""
+
+
+@pytest.fixture
+def fake_stages(tmp_path, monkeypatch):
+    """Every stage script replaced by FAKE_STAGE, run from tmp_path; returns the {script: run record} reader."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_OUT", str(tmp_path))
+    monkeypatch.setattr(pipeline, "out_dir", str(tmp_path / "out"))
+    monkeypatch.setattr(pipeline, "toy_world", False)
+    monkeypatch.setattr(pipeline, "force", "")
+    monkeypatch.setattr(pipeline, "samples", [])
+    artefacts = {script: done for script, done, _ in pipeline.stages()}
+    json.dump(artefacts, open(tmp_path / "artefacts.json", "w"))
+    for script in artefacts:
+        (tmp_path / script).write_text(FAKE_STAGE)
+
+    def ran():
+        return {s: json.load(open(tmp_path / f"{s}.json")) for s in artefacts if (tmp_path / f"{s}.json").exists()}
+    return ran
+
+
+def test_stages_run_one_after_another_in_order(fake_stages):
+    pipeline.main("configs/tiny.py")
+    ran = fake_stages()
+    order = sorted(ran, key=lambda s: ran[s]["start"])
+    assert order == ["encode.py", "train_adapter.py", "train_vpit.py", "train_decoder.py", "eval.py"]
+    assert all(ran[a]["end"] <= ran[b]["start"] for a, b in zip(order, order[1:]))
+
+
+def test_done_stages_are_skipped_and_force_reruns_from_a_stage(fake_stages, monkeypatch):
+    pipeline.main("configs/tiny.py")
+    first = fake_stages()
+    time.sleep(0.01)
+    pipeline.main("configs/tiny.py")  # everything done: nothing runs again
+    assert fake_stages() == first
+    monkeypatch.setattr(pipeline, "force", "train_vpit.py")
+    assert [s for s, _ in pipeline.plan()] == ["train_vpit.py", "train_decoder.py", "eval.py"]
+    assert not os.path.exists(os.path.join(pipeline.out_dir, "vpit"))  # its artefact cleared, as it will re-run
+    monkeypatch.setattr(pipeline, "force", "nonsense.py")
+    with pytest.raises(ValueError, match="not a stage"):
+        pipeline.plan()
