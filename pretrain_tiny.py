@@ -29,7 +29,7 @@ siglip_path = "out/tiny/base/siglip"
 llm_path = "out/tiny/base/llm"
 vae_path = "out/tiny/base/vae"
 seed = 1337
-dtype = "auto"  # "auto": bf16 autocast for the SigLIP and VAE steps on a CPU with AMX bf16 (or a bf16 GPU), else fp32
+dtype = "auto"  # "auto": bf16 autocast for the SigLIP and VAE steps where the CPU has AMX bf16, else fp32
 # SigLIP stand-in
 siglip_width = 128
 siglip_layers = 2  # shallow: patch tokens stay local (the 64 tokens must say what is where)

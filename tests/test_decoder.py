@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import toyworld
 from conftest import run
-from train_decoder import (Decoder, decode_tokens, load_visualizer, lr_factor, scene_agreement, training_noise,
-                           training_target)
+from model import Decoder, decode_tokens, load_visualizer
+from train_decoder import lr_factor, scene_agreement, training_noise, training_target
 
 MICRO_UNET = ("--decoder_unet={'sample_size': 32, 'block_out_channels': (16, 16), 'layers_per_block': 1, "
               "'down_block_types': ('CrossAttnDownBlock2D', 'DownBlock2D'), 'up_block_types': ('UpBlock2D', "

@@ -9,11 +9,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 import sample
-import train_decoder
 from configurator import configure
 from conftest import run
 from encode import TokenCache, image_tokens, load_image
-from model import MetaMorph, encode_text
+from model import Decoder, MetaMorph, encode_text
 
 MICRO_UNET = dict(sample_size=16, block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=16,
@@ -40,7 +39,7 @@ def micro_run(micro, tmp_path_factory):
     dim = TokenCache(f"{micro['out_dir']}/tokens").dim
     torch.manual_seed(0)
     MetaMorph.from_llm(f"{micro['base']}/llm", dim).save_pretrained(str(out / "vpit"))
-    decoder = train_decoder.Decoder(UNet2DConditionModel(**MICRO_UNET), dim, 32, 77,
+    decoder = Decoder(UNet2DConditionModel(**MICRO_UNET), dim, 32, 77,
                                     DDPMScheduler(num_train_timesteps=1000), 64)
     decoder.save_pretrained(str(out / "decoder"))
     args = [f"--out_dir={out}", f"--siglip_path={micro['base']}/siglip", f"--vae_path={micro['base']}/vae",
