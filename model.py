@@ -389,13 +389,13 @@ def decode_tokens(vis, tokens, steps=25, guidance=1.5, seed=0, batch_size=64):
     side = vis.latent_side
     noise = torch.randn((len(tokens), vis.vae.config.latent_channels, side, side),
                         generator=torch.Generator().manual_seed(seed))
+    scheduler = DDIMScheduler.from_config(vis.decoder.noise_scheduler.config)
+    scheduler.set_timesteps(steps)
     images = []
     for i in range(0, len(tokens), batch_size):
         batch = tokens[i:i + batch_size].to(vis.device, torch.float32)
         both, keep = torch.cat([batch, batch]), torch.arange(2 * len(batch), device=vis.device) >= len(batch)
         x = noise[i:i + batch_size].to(vis.device)
-        scheduler = DDIMScheduler.from_config(vis.decoder.noise_scheduler.config)
-        scheduler.set_timesteps(steps)
         for t in scheduler.timesteps:
             uncond, cond = vis.decoder(torch.cat([x, x]), t.expand(len(both)), both, keep).chunk(2)
             x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample  # any prediction type
