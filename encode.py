@@ -26,6 +26,8 @@ from tqdm import tqdm
 from transformers import AutoImageProcessor, SiglipVisionModel
 from transformers.utils import logging as hf_logging
 
+from model import wants_bf16
+
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"  # conversation JSONL under data_dir/train/*.jsonl and data_dir/val/*.jsonl
 image_root = ""  # image paths in the JSONL are relative to this; "" means data_dir
@@ -36,6 +38,8 @@ encode_batch_size = 64
 encode_shard_size = 4096  # images per safetensors shard
 skip_bad_images = False  # True: a missing/corrupt image is skipped and counted instead of an error
 device = "auto"  # auto: cuda if available else cpu
+dtype = "auto"  # "auto": bf16 autocast on a bf16 GPU or an AMX CPU (toy: 1.6x the images/s, tokens' cosine to fp32's
+#                 > 0.9999), else fp32; or "bfloat16" / "float32"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -215,6 +219,7 @@ def main():
     index["dim"] = dim
     os.makedirs(tokens_dir, exist_ok=True)
 
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=wants_bf16(dtype, torch.device(dev), amx_cpu=True))
     pending_paths, pending_tokens, skipped, start = [], [], [], time.time()
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool, tqdm(total=len(todo), desc="encode", unit="img") as bar:
         for i in range(0, len(todo), encode_batch_size):
@@ -229,7 +234,8 @@ def main():
                 else:
                     raise error
             if images:
-                tokens = image_tokens(model, processor, images, num_visual_tokens)
+                with amp:
+                    tokens = image_tokens(model, processor, images, num_visual_tokens)
                 pending_tokens += list(tokens.to("cpu", torch.float16))
                 pending_paths += good
             while len(pending_paths) >= encode_shard_size:

@@ -165,7 +165,7 @@ def test_cache_round_trip_via_command_line(tiny_tower, tmp_path):
     config = tmp_path / "config.py"
     config.write_text("encode_shard_size = 2\nencode_batch_size = 3\n")
     result = subprocess.run([sys.executable, "encode.py", str(config), f"--data_dir={data}", f"--out_dir={out}",
-                             "--siglip_path", tiny_tower, "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
+                             "--siglip_path", tiny_tower, "--device=cpu", "--dtype=float32"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "encoded 5 images" in result.stdout
     index = json.loads(open(os.path.join(out, "tokens", "index.json")).read())
@@ -185,7 +185,8 @@ def test_cache_round_trip_via_command_line(tiny_tower, tmp_path):
 
 def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsys):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
-    knobs = dict(data_dir=data, out_dir=out, siglip_path=tiny_tower, encode_shard_size=2, encode_batch_size=2)
+    knobs = dict(data_dir=data, out_dir=out, siglip_path=tiny_tower, encode_shard_size=2, encode_batch_size=2,
+                 dtype="float32")
     make_world(data, ["images/a.png", "images/b.png", "images/c.png"])
     assert "encoded 3 images" in run_main(monkeypatch, capsys, **knobs)
     tokens_dir = os.path.join(out, "tokens")
@@ -210,6 +211,22 @@ def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsy
         raise AssertionError("a fully cached run must not load the tower")
     monkeypatch.setattr(encode, "load_vision_tower", no_tower)
     assert "already cached" in run_main(monkeypatch, capsys, **knobs)
+
+
+def test_bf16_encoding_agrees_with_fp32(tiny_tower, tmp_path, monkeypatch, capsys):
+    """dtype="bfloat16" (what "auto" picks on an AMX CPU or a bf16 GPU) runs the tower under autocast: the cached
+    tokens are float32 unit vectors pointing where the fp32 tower's do."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    names = [f"images/{i}.png" for i in range(3)]
+    make_world(data, names)
+    assert "encoded 3 images" in run_main(monkeypatch, capsys, data_dir=data, out_dir=out, siglip_path=tiny_tower,
+                                          dtype="bfloat16")
+    cache = encode.TokenCache(os.path.join(out, "tokens"))
+    for name in names:
+        tokens, exact = cache[name], direct_tokens(tiny_tower, os.path.join(data, name))
+        assert tokens.dtype == torch.float32 and torch.allclose(tokens.norm(dim=-1), torch.ones(64), atol=1e-2)
+        cosine = torch.nn.functional.cosine_similarity(tokens, exact, dim=-1)
+        assert cosine.min() > 0.99 and not torch.equal(tokens, exact.half().float())  # bf16 ran, and ran close
 
 
 def test_bad_images_raise_or_are_skipped(tiny_tower, tmp_path, monkeypatch, capsys):
