@@ -8,7 +8,7 @@ batching: the same conversations, model, micro-batch size and number of optimize
 (non-padding) tokens per second, so padding shows up as lost speed.
 generation: one picture (64 vision-mode steps) after an image-edit prompt of about 100 positions, greedy, with the KV
 cache against recomputing the whole sequence for every new token as the released code does; same model, same prompt,
-and the two must produce the same tokens. bench_llm_path="" uses the trained run (out_dir/vpit); a path to any HF LLM
+and the two must produce the same tokens. Then bench_batch copies of it side by side, as eval.py draws. bench_llm_path="" uses the trained run (out_dir/vpit); a path to any HF LLM
 (e.g. the SmolLM2 conversion) times a bigger model with fresh heads, its LM head set to open an image at once.
 """
 import json
@@ -35,6 +35,7 @@ max_seq_len = 1024
 bench_steps = 40
 bench_llm_path = ""  # generation: "" = the trained out_dir/vpit, else an HF LLM folder with fresh heads
 bench_repeats = 3
+bench_batch = 32  # generation: pictures drawn side by side in the second measurement (eval.py's eval_batch_size)
 seed = 1337
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -73,12 +74,17 @@ def bench_batching():
 
 
 @torch.no_grad()
-def generate_recomputing(model, input_ids, slots, visual_tokens, max_new_tokens=64):
+def generate_recomputing(model, input_ids, slots, visual_tokens, max_new_tokens=64, copies=1):
     """model.generate() (greedy) without a KV cache, as the released code generates: the whole sequence is run
-    again for every new token, text or visual. Returns the same pieces."""
+    again for every new token, text or visual. Returns the same pieces. copies: that many rows of the sequence side
+    by side (what recomputing a batch costs); they are the same, so the first one decides."""
     ids, slots, visual = input_ids.tolist(), slots.tolist(), list(visual_tokens)
-    last_hidden = lambda: model.hidden_states(torch.tensor([ids]), torch.tensor([slots]), torch.stack(visual)
-                                              if visual else visual_tokens)[0, -1]
+
+    def last_hidden():
+        rows = [[s + k * len(visual) if s >= 0 else -1 for s in slots] for k in range(copies)]
+        tokens = torch.stack(visual).repeat(copies, 1) if visual else visual_tokens
+        return model.hidden_states(torch.tensor([ids] * copies), torch.tensor(rows), tokens)[0, -1]
+
     pieces, text = [], []
     for _ in range(max_new_tokens):
         token = int(model.llm.get_output_embeddings()(last_hidden()).argmax())
@@ -127,15 +133,20 @@ def bench_generation():
             times.append(time.time() - start)
         return min(times), pieces
 
-    cached_s, cached = timed(lambda: model.generate(*args, max_new_tokens=1)[0])
-    recompute_s, recomputed = timed(lambda: generate_recomputing(model, *args, max_new_tokens=1))
-    assert len(cached) == 3 and cached[0] == recomputed[0] == [model.image_start_id], "no picture was generated"
-    assert torch.allclose(cached[1], recomputed[1], atol=1e-4), "KV cache and recomputation disagree"
     results = {"model": bench_llm_path or os.path.join(out_dir, "vpit"), "prompt_positions": len(args[0]),
-               "visual_tokens": num_visual_tokens, "kv_cache_s": cached_s, "recompute_s": recompute_s,
-               "speedup": recompute_s / cached_s}
+               "visual_tokens": num_visual_tokens}
     print(f"{results['model']}: {num_visual_tokens} visual tokens after a {len(args[0])}-position prompt, best of "
-          f"{bench_repeats}: KV cache {cached_s:.3f}s, recompute {recompute_s:.3f}s -> {results['speedup']:.1f}x")
+          f"{bench_repeats}")
+    for rows in (1, bench_batch):  # one picture (sample.py), and a batch of them side by side (eval.py)
+        cached_s, cached = timed(lambda: model.generate_batch([args[:2]] * rows, [args[2]] * rows, 1)[0])
+        recompute_s, recomputed = timed(lambda: generate_recomputing(model, *args, max_new_tokens=1, copies=rows))
+        for pieces in cached:
+            assert len(pieces) == 3 and pieces[0] == recomputed[0] == [model.image_start_id], "no picture was drawn"
+            assert torch.allclose(pieces[1], recomputed[1], atol=1e-4), "KV cache and recomputation disagree"
+        results[f"batch_{rows}"] = {"kv_cache_s": cached_s, "recompute_s": recompute_s,
+                                    "speedup": recompute_s / cached_s}
+        print(f"  {rows:3d} picture(s) at once: KV cache {cached_s:.3f}s, recompute {recompute_s:.3f}s -> "
+              f"{recompute_s / cached_s:.1f}x")
     return results
 
 

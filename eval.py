@@ -112,51 +112,28 @@ def questions(task, samples):
     return out
 
 
-@torch.no_grad()
-def greedy_answers(model, prompts, visual, max_new_tokens):
-    """Batched greedy decoding of text answers (token ids). prompts: built samples (input_ids, slots); visual: their
-    visual tokens (n_images * 64, d) each. Left-padded into one batch with a KV cache; stops when every row has ended
-    its turn."""
-    dev, tok, stop = visual[0].device, model.tokenizer, model.stop_ids()
-    length = max(len(p["input_ids"]) for p in prompts)
-    ids = torch.full((len(prompts), length), tok.pad_token_id or 0, device=dev)
-    slots = torch.full((len(prompts), length), -1, device=dev)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long, device=dev)
-    offset = 0
-    for i, (p, v) in enumerate(zip(prompts, visual)):
-        n = len(p["input_ids"])
-        ids[i, length - n:], mask[i, length - n:] = p["input_ids"], 1
-        slots[i, length - n:] = torch.where(p["slots"] >= 0, p["slots"] + offset, -1)
-        offset += len(v)
-    embeds = model.embed(ids, slots, torch.cat(visual))
-    decoder, head, cache = model.llm.get_decoder(), model.llm.get_output_embeddings(), None
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    answers, done = [[] for _ in prompts], torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-    for _ in range(max_new_tokens):
-        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position, past_key_values=cache,
-                      use_cache=True)
-        cache, token = out.past_key_values, head(out.last_hidden_state[:, -1]).argmax(-1)
-        done |= torch.tensor([int(t) in stop for t in token], device=dev)
-        if done.all():
-            break
-        for i in (~done).nonzero()[:, 0].tolist():
-            answers[i].append(int(token[i]))
-        embeds = model.llm.get_input_embeddings()(token)[:, None]
-        mask, position = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1), position[:, -1:] + 1
-    return answers
+def replies(model, cache, items, dev, max_new_tokens):
+    """Greedy replies to (conversation, image paths) items, eval_batch_size at a time side by side in one KV cache
+    (model.generate_batch): per item, its pieces (text ids, image tokens, text ids, ...)."""
+    out = []
+    for i in tqdm(range(0, len(items), eval_batch_size), desc="generate", leave=False):
+        batch = items[i:i + eval_batch_size]
+        prompts = [build_sample(model.tokenizer, conv, len(paths), num_visual_tokens, add_generation_prompt=True)
+                   for conv, paths in batch]
+        visual = [(cache(paths) if paths else torch.zeros(0, model.vision_dim)).to(dev) for _, paths in batch]
+        out += model.generate_batch([(p["input_ids"].to(dev), p["slots"].to(dev)) for p in prompts], visual,
+                                    max_new_tokens)[0]
+    return out
 
 
 def answer_all(model, cache, items, dev, options=None):
-    """items: (conversation, image paths, answer, type) -> list of (prediction, correct)."""
+    """items: (conversation, image paths, answer, type) -> list of (prediction, correct). The prediction is the text
+    after the reply's last image: the whole reply to a question, the final answer of a visual-thinking reply."""
     results = []
-    for i in tqdm(range(0, len(items), eval_batch_size), desc="answer", leave=False):
-        batch = items[i:i + eval_batch_size]
-        prompts = [build_sample(model.tokenizer, conv, len(paths), num_visual_tokens, add_generation_prompt=True)
-                   for conv, paths, _, _ in batch]
-        visual = [(cache(paths) if paths else torch.zeros(0, model.vision_dim)).to(dev) for _, paths, _, _ in batch]
-        for j, ids in enumerate(greedy_answers(model, prompts, visual, eval_max_new_tokens)):
-            prediction = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results.append((prediction, is_correct(prediction, batch[j][2], (options or {}).get(i + j, ()))))
+    pieces = replies(model, cache, [(conv, paths) for conv, paths, _, _ in items], dev, eval_max_new_tokens)
+    for k, (reply, (_, _, answer, _)) in enumerate(zip(pieces, items)):
+        prediction = model.tokenizer.decode(reply[-1], skip_special_tokens=True).strip()
+        results.append((prediction, is_correct(prediction, answer, (options or {}).get(k, ()))))
     return results
 
 
@@ -166,23 +143,13 @@ def understanding(model, cache, dev):
     for task, n in eval_understanding.items():
         samples = read_jsonl(os.path.join(data_dir, "val", f"{task}.jsonl"))[:n]
         items = questions(task, samples)
-        if task == "visual_thinking":  # the answer follows an image the model must draw first: one at a time
-            scored = [visual_thinking_answer(model, cache, item, dev) for item in tqdm(items, desc=task, leave=False)]
-        else:
-            scored = answer_all(model, cache, items, dev)
+        scored = answer_all(model, cache, items, dev)
         by_type = {}
         for (_, _, _, qtype), (_, right) in zip(items, scored):
             by_type.setdefault(qtype, []).append(right)
         report[task] = {"accuracy": float(np.mean([r for _, r in scored])), "questions": len(items),
                         "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())}}
     return report
-
-
-def visual_thinking_answer(model, cache, item, dev):
-    conv, paths, answer, _ = item
-    pieces = generate(model, conv, cache(paths).to(dev), len(paths), dev)
-    prediction = model.tokenizer.decode(pieces[-1], skip_special_tokens=True).strip()
-    return prediction, is_correct(prediction, answer)
 
 
 def run_benchmark_file(model, tower, processor, dev):
@@ -212,14 +179,6 @@ def run_benchmark_file(model, tower, processor, dev):
 
 
 # ---- generation ------------------------------------------------------------------------------------------------------
-def generate(model, conversation, visual, n_images, dev, max_new_tokens=None):
-    """Greedy pieces (text ids, image tokens, ...) of the reply to the conversation so far (model.generate)."""
-    max_new_tokens = max_new_tokens or eval_max_new_tokens
-    prompt = build_sample(model.tokenizer, conversation, n_images, num_visual_tokens, add_generation_prompt=True)
-    pieces, _ = model.generate(prompt["input_ids"].to(dev), prompt["slots"].to(dev), visual, max_new_tokens)
-    return pieces
-
-
 def output_images(sample):
     """Indices (into sample["images"]) of the images inside assistant turns: the ones the model must draw."""
     indices, k = [], 0
@@ -233,15 +192,15 @@ def output_images(sample):
 
 def predicted_tokens(model, cache, samples, dev):
     """For every sample: the true tokens of its output images and the model's prediction for each (None when the
-    model drew fewer images than asked for)."""
+    model drew fewer images than asked for), from its greedy reply to the first turn."""
+    wanted = [output_images(s) for s in samples]
+    first = [(s["conversations"][:1], s["images"][:s["conversations"][0]["value"].count(IMAGE)]) for s in samples]
+    drawn = replies(model, cache, first, dev, max_new_tokens=16 + 4 * max(map(len, wanted)))
     out = []
-    for s in tqdm(samples, desc="draw", leave=False):
-        wanted, first = output_images(s), s["conversations"][:1]
-        inputs = s["images"][:first[0]["value"].count(IMAGE)]
-        visual = (cache(inputs) if inputs else torch.zeros(0, model.vision_dim)).to(dev)
-        drawn = generate(model, first, visual, len(inputs), dev, max_new_tokens=16 + 4 * len(wanted))[1::2]
-        true = cache([s["images"][i] for i in wanted]).view(len(wanted), num_visual_tokens, -1)
-        out += [(s, i, true[j], drawn[j].cpu() if j < len(drawn) else None) for j, i in enumerate(wanted)]
+    for s, indices, pieces in zip(samples, wanted, drawn):
+        true = cache([s["images"][i] for i in indices]).view(len(indices), num_visual_tokens, -1)
+        images = pieces[1::2]
+        out += [(s, i, true[j], images[j].cpu() if j < len(images) else None) for j, i in enumerate(indices)]
     return out
 
 

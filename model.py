@@ -181,39 +181,75 @@ class MetaMorph(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, slots, visual_tokens, max_new_tokens=64, temperature=0.0, top_p=1.0,
                  generator=None, past_key_values=None):
-        """Continue one sequence. Text mode until `<image_start>`; then num_visual_tokens steps of vision mode
-        (v = normalize(vision_head(h)), next input = adapter(v)); then `<image_end>` and text again (Sec. 2).
-        Returns (pieces, cache): pieces alternate lists of token ids and (num_visual_tokens, vision_dim) images."""
-        decoder, stop = self.llm.get_decoder(), self.stop_ids()
-        embeds = self.embed(input_ids[None], slots[None], visual_tokens)
-        pieces, text = [], []
+        """Continue one sequence (generate_batch with a batch of one). Returns (pieces, cache)."""
+        pieces, past_key_values = self.generate_batch([(input_ids, slots)], [visual_tokens], max_new_tokens,
+                                                      temperature, top_p, generator, past_key_values)
+        return pieces[0], past_key_values
+
+    @torch.no_grad()
+    def generate_batch(self, prompts, visual_tokens, max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None,
+                       past_key_values=None):
+        """Continue sequences side by side in one KV cache, left-padded. prompts: (input_ids, slots) pairs of 1-D
+        tensors; visual_tokens: per prompt, the (n_images * num_visual_tokens, d) tokens its slots index. Each row runs
+        its own course: text mode until `<image_start>`; then num_visual_tokens steps of vision mode
+        (v = normalize(vision_head(h)), next input = adapter(v)); then `<image_end>` and text again (Sec. 2), until it
+        ends its turn or has sampled max_new_tokens text tokens. Returns (pieces per row, cache): pieces alternate
+        lists of token ids and (num_visual_tokens, vision_dim) images."""
+        decoder, head, token_embedding = self.llm.get_decoder(), self.llm.get_output_embeddings(), \
+            self.llm.get_input_embeddings()
+        stop, n = self.stop_ids(), len(prompts)
+        ids, slots, mask, visual = left_padded(prompts, visual_tokens, self.tokenizer.pad_token_id or 0)
+        if past_key_values is not None:  # a conversation goes on: the new turn follows the cached ones
+            mask = torch.cat([mask.new_ones(n, past_key_values.get_seq_length()), mask], 1)
+        padded = bool((mask == 0).any())  # if not, the plain causal path: no mask and positions at every step
 
         def step(embeds):
-            nonlocal past_key_values
-            out = decoder(inputs_embeds=embeds, past_key_values=past_key_values, use_cache=True)
+            nonlocal past_key_values, mask
+            masking = dict(attention_mask=mask, position_ids=mask.cumsum(-1)[:, -embeds.shape[1]:].clamp(min=1) - 1) \
+                if padded else {}
+            out = decoder(inputs_embeds=embeds, past_key_values=past_key_values, use_cache=True, **masking)
             past_key_values = out.past_key_values
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(n, 1)], 1)  # the next input's column
             return out.last_hidden_state[:, -1]
 
-        token_embedding = self.llm.get_input_embeddings()
-        h = step(embeds)
-        for _ in range(max_new_tokens):
-            token = sample_token(self.llm.get_output_embeddings()(h)[0].float(), temperature, top_p, generator)
-            if token in stop:
-                break
-            text.append(token)
-            h = step(token_embedding(torch.tensor([[token]], device=h.device)))
-            if token != self.image_start_id:
-                continue
-            image = []
-            for _ in range(self.num_visual_tokens):
-                v = F.normalize(self.vision_head(h).float(), dim=-1)
-                image.append(v[0])
-                h = step(self.adapter(v.to(h.dtype))[:, None])
-            pieces += [text, torch.stack(image)]
-            text = [self.image_end_id]
-            h = step(token_embedding(torch.tensor([[self.image_end_id]], device=h.device)))
-        pieces.append(text)
-        return pieces, past_key_values
+        h = step(self.embed(ids, slots, visual))
+        pieces, text, image = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        sampled, state = [0] * n, ["text"] * n  # "text", "image" (drawing), "close" (<image_end> next) or "done"
+        while True:
+            logits = head(h).float() if "text" in state else None
+            v = F.normalize(self.vision_head(h).float(), dim=-1) if "image" in state else None
+            feed, drawing = [0] * n, []  # the token id each row reads next; rows drawing read adapter(v) instead
+            for i in range(n):
+                if state[i] == "image":  # v[i] is this step's visual token and the row's next input
+                    image[i].append(v[i])
+                    drawing.append(i)
+                    if len(image[i]) == self.num_visual_tokens:
+                        pieces[i] += [text[i], torch.stack(image[i])]
+                        text[i], image[i], state[i] = [], [], "close"
+                elif state[i] == "close":  # <image_end> after the last visual token, then text again
+                    text[i], feed[i], state[i] = [self.image_end_id], self.image_end_id, "text"
+                elif state[i] == "text":
+                    token = sample_token(logits[i], temperature, top_p, generator) \
+                        if sampled[i] < max_new_tokens else None
+                    if token is None or token in stop:
+                        pieces[i].append(text[i])
+                        state[i] = "done"
+                        continue
+                    sampled[i] += 1
+                    text[i].append(token)
+                    feed[i] = token
+                    if token == self.image_start_id:
+                        state[i] = "image"
+            if all(s == "done" for s in state):
+                return pieces, past_key_values
+            if len(drawing) == n:
+                embeds = self.adapter(v.to(h.dtype))[:, None]
+            else:
+                embeds = token_embedding(torch.tensor(feed, device=h.device))[:, None]
+                if drawing:
+                    embeds[drawing] = self.adapter(v[drawing].to(embeds.dtype))[:, None]
+            h = step(embeds)
 
 
 def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -286,6 +322,20 @@ def build_sample(tokenizer, conversations, num_images, num_visual_tokens=64, add
         raise ValueError(f"{images} <image> placeholders but {num_images} images")
     return {"input_ids": torch.tensor(ids), "slots": torch.tensor(slots), "labels": torch.tensor(labels),
             "vision_mask": torch.tensor(vision)}
+
+
+def left_padded(prompts, visual_tokens, pad_id):
+    """(input_ids, slots) prompts and their visual tokens -> (ids, slots, attention_mask), (B, T) left-padded for
+    generation, and the visual tokens concatenated, which the slots are shifted to index (as in collate)."""
+    length = max(len(p_ids) for p_ids, _ in prompts)
+    ids = torch.full((len(prompts), length), pad_id, device=prompts[0][0].device)
+    slots, mask = torch.full_like(ids, -1), torch.zeros_like(ids)
+    offset = 0
+    for i, ((p_ids, p_slots), v) in enumerate(zip(prompts, visual_tokens)):
+        ids[i, length - len(p_ids):], mask[i, length - len(p_ids):] = p_ids, 1
+        slots[i, length - len(p_ids):] = torch.where(p_slots >= 0, p_slots + offset, -1)
+        offset += len(v)
+    return ids, slots, mask, torch.cat(visual_tokens)
 
 
 def collate(samples, visual_tokens, pad_id):

@@ -1,5 +1,5 @@
 """eval.py: Frechet distance against the closed form, answer scoring edge cases, scene scoring on hand-made scenes,
-batched greedy decoding against one-at-a-time generation, and the benchmark-file runner."""
+batched generation against one at a time, and the benchmark-file runner."""
 import json
 
 import pytest
@@ -68,21 +68,38 @@ def model(micro):
     return MetaMorph.from_llm(f"{micro['base']}/llm", dim).eval()
 
 
-def test_batched_greedy_answers_equal_one_at_a_time_generation(micro, model):
+@pytest.mark.parametrize("draw", [False, True])
+def test_batched_generation_equals_one_at_a_time(micro, model, draw):
+    """model.generate_batch (eval's replies) on prompts of different lengths, left-padded into one KV cache, gives
+    each row what generate() gives it alone: 2 text tokens; or (draw) on even rows, a picture after each of them,
+    while the odd rows write text and finish, so rows in different modes share every step."""
     cache = TokenCache(f"{micro['out_dir']}/tokens")
     samples = ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl")
     items = ev.questions("image_qa", samples)[:6]  # different lengths: left padding is exercised
     prompts = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
     visual = [cache.get_many(p).flatten(0, 1).float() for _, p, _, _ in items]
     assert len({len(p["input_ids"]) for p in prompts}) > 1
-    model.stop_ids = lambda: set()  # an untrained model may end at once: make every row write all 6 tokens
+    drawing = [i for i in range(len(prompts)) if draw and i % 2 == 0]
+    rows = drawing  # the rows of the current batch whose LM head says <image_start>
+
+    def opens(module, inputs, logits):
+        logits = logits.clone()
+        logits[rows, model.image_start_id] = 1e4
+        return logits
+    model.stop_ids = lambda: set()  # an untrained model may end at once: make every row write all its tokens
+    hook = model.llm.get_output_embeddings().register_forward_hook(opens)
     try:
-        batched = ev.greedy_answers(model, prompts, visual, max_new_tokens=6)
-        for p, v, answer in zip(prompts, visual, batched):
-            pieces, _ = model.generate(p["input_ids"], p["slots"], v, max_new_tokens=6)
-            assert answer == pieces[0] and len(answer) == 6
+        batched, _ = model.generate_batch([(p["input_ids"], p["slots"]) for p in prompts], visual, max_new_tokens=2)
+        for i, (p, v, pieces) in enumerate(zip(prompts, visual, batched)):
+            rows = [0] if i in drawing else []
+            alone, _ = model.generate(p["input_ids"], p["slots"], v, max_new_tokens=2)
+            assert pieces[0::2] == alone[0::2] and len(pieces) == len(alone) == (5 if i in drawing else 1)
+            assert sum(map(len, pieces[0::2])) == (4 if i in drawing else 2)  # <image_end>s are not counted
+            for mine, its in zip(pieces[1::2], alone[1::2]):
+                assert mine.shape == (64, model.vision_dim) and torch.allclose(mine, its, atol=1e-4)
     finally:
         del model.stop_ids
+        hook.remove()
 
 
 def test_questions_cover_every_turn_with_earlier_answers_given():
@@ -105,18 +122,18 @@ def test_benchmark_file_runner(micro, model, tmp_path, monkeypatch):
              "answer": "A", "category": "count"}]
     path = tmp_path / "bench.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    seen, real = [], ev.greedy_answers
-    monkeypatch.setattr(ev, "greedy_answers", lambda m, prompts, visual, n: seen.extend(prompts) or real(
-        m, prompts, visual, n))
+    seen, real = [], model.generate_batch
+    monkeypatch.setattr(model, "generate_batch", lambda prompts, visual, n: seen.extend(prompts) or real(
+        prompts, visual, n))
     monkeypatch.setattr(ev, "benchmark_file", str(path))
     monkeypatch.setattr(ev, "benchmark_image_root", micro["data_dir"])
     tower, processor = load_vision_tower(f"{micro['base']}/siglip")
     result = ev.run_benchmark_file(model, tower, processor, torch.device("cpu"))
     assert result["questions"] == 3 and set(result["by_category"]) == {"shape", "colour", "count"}
-    texts = [model.tokenizer.decode(p["input_ids"]) for p in seen]
+    texts = [model.tokenizer.decode(ids) for ids, _ in seen]
     assert "A. circle" in texts[0] and "B. square" in texts[0] and ev.OPTION_PROMPT in texts[0]
     assert "A." not in texts[1] and ev.OPTION_PROMPT not in texts[1]
-    assert all((p["slots"] >= 0).sum() == 64 for p in seen)
+    assert all((slots >= 0).sum() == 64 for _, slots in seen)
     assert texts[1].index("<image_end>") < texts[1].index("What colour")
     expected = [ev.is_correct(pred, r["answer"], r.get("options", ())) for pred, r in zip(result["predictions"], rows)]
     assert result["accuracy"] == pytest.approx(sum(expected) / 3)
