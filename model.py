@@ -7,7 +7,8 @@ MetaMorph (PAPER.md Sec. 2): any HF causal LM + an adapter that reads visual tok
 
 Every image is `<image_start>` + 64 slots + `<image_end>`; the hidden state at position t-1 predicts the token at t, for
 text (LM head) and for visual tokens (vision head) alike. generate() switches heads at `<image_start>` and keeps a KV
-cache in both modes.
+cache in both modes; generate_batch() runs many sequences side by side, each row in its own mode (eval.py draws 32 at
+a time).
 
 The diffusion visualizer (Sec. 2.3) that turns 64 tokens back into pixels is here too: the Decoder (projector + UNet)
 that train_decoder.py trains, and decode_tokens, the sampler sample.py and eval.py share.
