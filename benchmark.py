@@ -117,8 +117,8 @@ def bench_generation():
     cache = TokenCache(os.path.join(out_dir, "tokens"))
     if bench_llm_path:
         model = MetaMorph.from_llm(bench_llm_path, cache.dim, num_visual_tokens)
-        with torch.no_grad():  # open an image at once: the image_start row of the LM head dominates every other
-            model.llm.get_output_embeddings().weight[model.image_start_id] *= 1e3
+        opens = lambda module, inputs, logits: logits.index_fill(-1, torch.tensor([model.image_start_id]), 1e4)
+        model.llm.get_output_embeddings().register_forward_hook(opens)  # fresh heads: open an image at once
     else:
         model = MetaMorph.from_pretrained(os.path.join(out_dir, "vpit"))
     model.eval()
