@@ -195,10 +195,12 @@ class MetaMorph(nn.Module):
         its own course: text mode until `<image_start>`; then num_visual_tokens steps of vision mode
         (v = normalize(vision_head(h)), next input = adapter(v)); then `<image_end>` and text again (Sec. 2), until it
         ends its turn or has sampled max_new_tokens text tokens. Returns (pieces per row, cache): pieces alternate
-        lists of token ids and (num_visual_tokens, vision_dim) images."""
+        lists of token ids and (num_visual_tokens, vision_dim) images. past_key_values: the cache an earlier call
+        returned for one row, to go on with that conversation (sample.py --chat)."""
         decoder, head, token_embedding = self.llm.get_decoder(), self.llm.get_output_embeddings(), \
             self.llm.get_input_embeddings()
         stop, n = self.stop_ids(), len(prompts)
+        assert past_key_values is None or n == 1, "a conversation goes on one row at a time"
         ids, slots, mask, visual = left_padded(prompts, visual_tokens, self.tokenizer.pad_token_id or 0)
         if past_key_values is not None:  # a conversation goes on: the new turn follows the cached ones
             mask = torch.cat([mask.new_ones(n, past_key_values.get_seq_length()), mask], 1)
