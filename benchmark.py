@@ -8,8 +8,9 @@ batching: the same conversations, model, micro-batch size and number of optimize
 (non-padding) tokens per second, so padding shows up as lost speed.
 generation: one picture (64 vision-mode steps) after an image-edit prompt of about 100 positions, greedy, with the KV
 cache against recomputing the whole sequence for every new token as the released code does; same model, same prompt,
-and the two must produce the same tokens. Then bench_batch copies of it side by side, as eval.py draws. bench_llm_path="" uses the trained run (out_dir/vpit); a path to any HF LLM
-(e.g. the SmolLM2 conversion) times a bigger model with fresh heads, its LM head set to open an image at once.
+and the two must produce the same tokens. Then bench_batch copies of it side by side, as eval.py draws.
+bench_llm_path="" uses the trained run (out_dir/vpit); a path to any HF LLM (e.g. the SmolLM2 conversion) times a
+bigger model with fresh heads, its LM head set to open an image at once.
 """
 import json
 import os

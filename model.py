@@ -148,7 +148,8 @@ class MetaMorph(nn.Module):
         is_slot = slots >= 0
         if is_slot.any():
             embeds = embeds.clone()
-            embeds[is_slot] = self.adapter(visual_tokens[slots[is_slot]].to(embeds.dtype)).to(embeds.dtype)  # (autocast: bf16)
+            # (.to: under autocast the adapter's output is bf16)
+            embeds[is_slot] = self.adapter(visual_tokens[slots[is_slot]].to(embeds.dtype)).to(embeds.dtype)
         return embeds
 
     def hidden_states(self, input_ids, slots, visual_tokens, attention_mask=None):
@@ -220,7 +221,7 @@ class MetaMorph(nn.Module):
         pieces, text, image = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         sampled, state = [0] * n, ["text"] * n  # "text", "image" (drawing), "close" (<image_end> next) or "done"
         while True:
-            logits = head(h).float() if "text" in state else None
+            tokens = sample_tokens(head(h).float(), temperature, top_p, generator) if "text" in state else None
             v = F.normalize(self.vision_head(h).float(), dim=-1) if "image" in state else None
             feed, drawing = [0] * n, []  # the token id each row reads next; rows drawing read adapter(v) instead
             for i in range(n):
@@ -233,8 +234,7 @@ class MetaMorph(nn.Module):
                 elif state[i] == "close":  # <image_end> after the last visual token, then text again
                     text[i], feed[i], state[i] = [self.image_end_id], self.image_end_id, "text"
                 elif state[i] == "text":
-                    token = sample_token(logits[i], temperature, top_p, generator) \
-                        if sampled[i] < max_new_tokens else None
+                    token = tokens[i] if sampled[i] < max_new_tokens else None
                     if token is None or token in stop:
                         pieces[i].append(text[i])
                         state[i] = "done"
@@ -255,15 +255,16 @@ class MetaMorph(nn.Module):
             h = step(embeds)
 
 
-def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
-    """Greedy when temperature is 0, else nucleus sampling."""
+def sample_tokens(logits, temperature=0.0, top_p=1.0, generator=None):
+    """(n, vocab) logits -> n token ids: greedy when temperature is 0, else nucleus sampling. One host sync for the
+    whole batch (a GPU waits once a step, not once a row)."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(-1).tolist()
     probs = F.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(0) - sorted_probs < top_p
-    sorted_probs = sorted_probs * keep
-    return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)])
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs = sorted_probs * (sorted_probs.cumsum(-1) - sorted_probs < top_p)
+    picked = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, picked)[:, 0].tolist()
 
 
 # ---- conversation -> tensors -----------------------------------------------------------------------------------------

@@ -264,9 +264,9 @@ def main():
               f"conversations ({train_set.skipped} longer than max_seq_len, skipped), world size {world}")
     hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
               epochs=vpit_epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
-              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config, log_interval=log_interval,
-              eval_interval=eval_interval, stop_after=stop_after, seed=seed, ckpt_interval=ckpt_interval,
-              out_dir=out_dir)
+              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config,
+              log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
+              ckpt_interval=ckpt_interval, out_dir=out_dir)
     t0 = time.time()
     if train(model, params, train_set, val_sets, MetaMorph.save_pretrained, "vpit", hp, rank, world, dev):
         report = {"minutes": (time.time() - t0) / 60,

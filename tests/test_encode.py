@@ -165,7 +165,8 @@ def test_cache_round_trip_via_command_line(tiny_tower, tmp_path):
     config = tmp_path / "config.py"
     config.write_text("encode_shard_size = 2\nencode_batch_size = 3\n")
     result = subprocess.run([sys.executable, "encode.py", str(config), f"--data_dir={data}", f"--out_dir={out}",
-                             "--siglip_path", tiny_tower, "--device=cpu", "--dtype=float32"], cwd=ROOT, capture_output=True, text=True)
+                             "--siglip_path", tiny_tower, "--device=cpu", "--dtype=float32"],
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "encoded 5 images" in result.stdout
     index = json.loads(open(os.path.join(out, "tokens", "index.json")).read())

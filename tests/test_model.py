@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import toyworld
 from benchmark import generate_recomputing
-from model import IGNORE, IMAGE_END, IMAGE_START, MetaMorph, build_sample, collate
+from model import IGNORE, IMAGE_END, IMAGE_START, MetaMorph, build_sample, collate, sample_tokens
 from train_adapter import freeze_all_but_adapter
 
 D_V, N = 32, 64
@@ -163,3 +163,17 @@ def test_kv_cache_generation_equals_recomputation(micro):
     assert cached[0] == recomputed[0] == [model.image_start_id] and cached[1].shape == (N, D_V)
     assert torch.allclose(cached[1], recomputed[1], atol=1e-4)
     assert cached[2] == recomputed[2] and cached[2][0] == model.image_end_id and len(cached[2]) > 1
+
+
+def test_sample_tokens_greedy_and_nucleus_per_row():
+    """Greedy takes each row's argmax; nucleus sampling draws each row from its own top-p set only (top_p=0.7 keeps
+    the 0.5 and 0.3 tokens, never the 0.2 one), and a seeded generator repeats its draws."""
+    probs = torch.zeros(2, 10)
+    probs[0, [3, 6, 8]] = torch.tensor([0.5, 0.3, 0.2])
+    probs[1, [1, 2, 9]] = torch.tensor([0.2, 0.5, 0.3])
+    logits = probs.clamp(min=1e-9).log()
+    assert sample_tokens(logits) == [3, 2]
+    draws = [sample_tokens(logits, 1.0, 0.7, torch.Generator().manual_seed(k)) for k in range(200)]
+    assert {d[0] for d in draws} == {3, 6} and {d[1] for d in draws} == {2, 9}
+    again = [sample_tokens(logits, 1.0, 0.7, torch.Generator().manual_seed(k)) for k in range(200)]
+    assert draws == again
