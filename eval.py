@@ -27,7 +27,8 @@ from tqdm import tqdm
 import toyworld
 from data import read_jsonl
 from encode import TokenCache, image_tokens, load_image, load_vision_tower
-from model import IMAGE, MetaMorph, build_sample, decode_tokens, load_visualizer
+from model import IMAGE, MetaMorph, build_sample
+from visualizer import decode_tokens, load_visualizer
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"

@@ -17,7 +17,8 @@ import os
 import torch
 
 from encode import image_tokens, load_image, load_vision_tower
-from model import IMAGE, MetaMorph, build_sample, decode_tokens, encode_text, load_visualizer
+from model import IMAGE, MetaMorph, build_sample, encode_text
+from visualizer import decode_tokens, load_visualizer
 
 # ---------------------------------------------------------------------------------------------------------------------
 out_dir = "out/tiny"  # the run: reads out_dir/vpit and out_dir/decoder, writes out_dir/samples

@@ -9,7 +9,7 @@ Trained: the projector (tokens -> cross-attention states) and the UNet, on the M
 config names (SD-1.5: the noise, epsilon; configs/tiny.py's fresh UNet: the clean latent). Frozen: SigLIP (its
 tokens come from encode.py's cache) and the VAE (its latents are encoded once, into out_dir/latents). Output:
 out_dir/decoder/ (unet/, scheduler/, projector.safetensors, decoder.json, grid.png). The Decoder module and the sampler
-live in model.py, beside MetaMorph; sample.py and eval.py use them as
+live in visualizer.py; sample.py and eval.py use them as
 
     vis = load_visualizer(os.path.join(out_dir, "decoder"), vae_path)
     images = decode_tokens(vis, tokens)     # (B, 64, d_v) -> B PIL images: DDIM with classifier-free guidance
@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 from data import load_mixture
 from encode import TokenCache, load_image, open_index, write_shard
-from model import Decoder, Visualizer, decode_tokens, load_vae, save_atomically, wants_bf16
+from model import save_atomically, wants_bf16
 from toyworld import compare_scenes, read_scene
 from train_vpit import save_checkpoint, setup_distributed
+from visualizer import Decoder, Visualizer, decode_tokens, load_vae
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -87,7 +88,7 @@ seed = 1337
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-# ---- a new decoder (the Decoder class and decode_tokens are in model.py) ---------------------------------------------
+# ---- a new decoder (the Decoder class and decode_tokens are in visualizer.py) ----------------------------------------
 def new_decoder(token_dim, latent_channels=4):
     """SD-1.5's UNet and noise schedule from sd_path, or a fresh UNet from decoder_unet; a new projector."""
     if sd_path:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import toyworld
 from conftest import run
-from model import Decoder, decode_tokens, load_visualizer
+from visualizer import Decoder, decode_tokens, load_visualizer
 from train_decoder import lr_factor, scene_agreement, training_noise, training_target
 
 MICRO_UNET = ("--decoder_unet={'sample_size': 32, 'block_out_channels': (16, 16), 'layers_per_block': 1, "

@@ -12,7 +12,8 @@ import sample
 from configurator import configure
 from conftest import run
 from encode import TokenCache, image_tokens, load_image
-from model import Decoder, MetaMorph, encode_text
+from model import MetaMorph, encode_text
+from visualizer import Decoder
 
 MICRO_UNET = dict(sample_size=16, block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=16,
