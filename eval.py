@@ -9,8 +9,10 @@ Generation (GenEval-style on the toy world): prompt -> VPiT visual tokens -> dec
 reader -> accuracy per attribute and per prompt, for seen prompts, held-out compositions and riddles (Sec. 4.2-4.3);
 image_edit and video_prediction against their target scenes; Frechet distance in SigLIP feature space (FD-SigLIP;
 standard FID when `inception_path` names a local TorchScript Inception); a CLIP-score analogue from the SigLIP
-stand-in (the real CLIP score when `clip_path` names a local CLIP); cosine of predicted to true tokens. The ceiling: the
-same metrics on pictures decoded from the TRUE tokens, so a reader sees what the LLM loses and what the decoder loses.
+stand-in (the real CLIP score when `clip_path` names a local CLIP); cosine of predicted to true tokens, drawn freely
+and, for the text-to-image sets, teacher-forced with the sample's own request and with another sample's (whether the
+drawing reads the words at all). The ceiling: the same metrics on pictures decoded from the TRUE tokens, so a reader
+sees what the LLM loses and what the decoder loses.
 """
 import json
 import os
@@ -27,7 +29,7 @@ from tqdm import tqdm
 import toyworld
 from data import read_jsonl
 from encode import TokenCache, image_tokens, load_image, load_vision_tower
-from model import IMAGE, MetaMorph, build_sample
+from model import IMAGE, MetaMorph, build_sample, collate
 from visualizer import decode_tokens, load_visualizer
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,6 +207,26 @@ def predicted_tokens(model, cache, samples, dev):
     return out
 
 
+@torch.no_grad()
+def teacher_forced_cosine(model, cache, samples, dev):
+    """{"own", "other"}: the vision head's token cosine when every slot reads the true token before it (as in
+    training), with each sample's own request and with the next sample's. If the model draws what the words say, the
+    other request costs cosine; if it only continues the picture from the tokens already there, it costs nothing."""
+    def mean_cosine(conversations):
+        total = 0.0
+        for i in range(0, len(samples), eval_batch_size):
+            batch = list(zip(conversations, samples))[i:i + eval_batch_size]
+            built = [build_sample(model.tokenizer, c, len(s["images"]), num_visual_tokens) for c, s in batch]
+            tensors = collate(built, [cache(s["images"]) for _, s in batch], model.tokenizer.pad_token_id or 0)
+            _, _, vision = model(**{k: v.to(dev) for k, v in tensors.items()})
+            total += (1 - vision.item()) * len(batch)  # every sample here draws one picture: 64 targets each
+        return total / len(samples)
+
+    others = samples[1:] + samples[:1]
+    return {"own": mean_cosine([s["conversations"] for s in samples]),
+            "other": mean_cosine([o["conversations"][:1] + s["conversations"][1:] for s, o in zip(samples, others)])}
+
+
 def scene_accuracy(pictures, targets):
     """Mean attribute scores over target objects and picture scores over pictures (toyworld.compare_scenes)."""
     objects, whole = [], []
@@ -274,7 +296,8 @@ def generation(model, visualizer, cache, judges, dev):
     decode = lambda tokens: decode_tokens(visualizer, torch.stack(tokens), decoder_sample_steps, decoder_guidance,
                                           seed) if tokens else []
     for task, n in eval_generation.items():
-        items = predicted_tokens(model, cache, read_jsonl(os.path.join(data_dir, "val", f"{task}.jsonl"))[:n], dev)
+        samples = read_jsonl(os.path.join(data_dir, "val", f"{task}.jsonl"))[:n]
+        items = predicted_tokens(model, cache, samples, dev)
         ceiling = decode([true for _, _, true, _ in items]) if eval_ceiling else []
         drawn = iter(decode([p for *_, p in items if p is not None]))
         side = visualizer.decoder.resolution
@@ -287,7 +310,8 @@ def generation(model, visualizer, cache, judges, dev):
                         "model": scene_accuracy(pictures, targets)}
         if eval_ceiling:
             report[task]["true_tokens"] = scene_accuracy(ceiling, targets)
-        if task in GENERATION_SETS:
+        if task in GENERATION_SETS:  # a text request, no input image: another sample's request fits
+            report[task]["teacher_forced_cosine"] = teacher_forced_cosine(model, cache, samples, dev)
             real = [load_image(os.path.join(data_dir, s["images"][i])) for s, i, _, _ in items]
             prompts = [s["conversations"][0]["value"] for s, _, _, _ in items]
             report[task]["model"].update(judges.metrics(pictures, real, prompts))
@@ -326,16 +350,21 @@ def markdown(results):
     keys = ["position", "shape", "colour", "size", "object", "count", "scene"]
     lines += ["", "## Generation (scene accuracy read back from the pixels)", "",
               "Per object at its grid cell: position (something there), shape, colour, size, object (all three); per "
-              "picture: count, scene (everything right, nothing extra). `true tokens` = the decoder's ceiling.", "",
-              "| set | source | drawn | token cos | " + " | ".join(keys) + " | FD-SigLIP | SigLIP score |",
-              "| --- | --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+              "picture: count, scene (everything right, nothing extra). `true tokens` = the decoder's ceiling. Token "
+              "cos: drawn freely; teacher-forced (every slot reads the true token before it) with the sample's own "
+              "request / another sample's: no gap means the drawing does not depend on the words.", "",
+              "| set | source | drawn | token cos | teacher-forced own / other | " + " | ".join(keys) +
+              " | FD-SigLIP | SigLIP score |",
+              "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
     for task, r in results["generation"].items():
         for source in [k for k in ("model", "true_tokens") if k in r]:
             m = r[source]
             cells = " | ".join(f"{100 * m[k]:.1f}" for k in keys)
             extra = f"{m['fd_siglip']:.3f} | {m['siglip_score']:.1f}" if "fd_siglip" in m else "- | -"
+            forced = r.get("teacher_forced_cosine")
+            forced = f"{forced['own']:.3f} / {forced['other']:.3f}" if forced and source == "model" else "-"
             drawn = f"{100 * r['drawn']:.0f}% | {r['token_cosine']:.3f}" if source == "model" else "- | 1.000"
-            lines.append(f"| {task} | {source.replace('_', ' ')} | {drawn} | {cells} | {extra} |")
+            lines.append(f"| {task} | {source.replace('_', ' ')} | {drawn} | {forced} | {cells} | {extra} |")
     lines += ["", "![prompts, real, decoded from true tokens, generated](grid.png)", ""]
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ import torch
 import eval as ev
 import toyworld
 from encode import TokenCache, load_vision_tower
-from model import MetaMorph, build_sample
+from model import MetaMorph, build_sample, collate
 
 
 def samples_with(mean, std, n=400, seed=0):
@@ -137,3 +137,22 @@ def test_benchmark_file_runner(micro, model, tmp_path, monkeypatch):
     assert texts[1].index("<image_end>") < texts[1].index("What colour")
     expected = [ev.is_correct(pred, r["answer"], r.get("options", ())) for pred, r in zip(result["predictions"], rows)]
     assert result["accuracy"] == pytest.approx(sum(expected) / 3)
+
+
+def test_teacher_forced_cosine_with_own_and_another_request(micro, model):
+    """"own" is 1 - the training loss's vision term on the same samples; "other" swaps in the next sample's request
+    only: the same when every request is the same, different (the micro LLM reads its words) when they differ."""
+    cache = TokenCache(f"{micro['out_dir']}/tokens")
+    tokens = lambda paths: cache.get_many(paths).flatten(0, 1).float()
+    samples = ev.read_jsonl(f"{micro['data_dir']}/val/generation.jsonl")[:4]
+    assert len({s["conversations"][0]["value"] for s in samples}) == 4
+    built = [build_sample(model.tokenizer, s["conversations"], len(s["images"])) for s in samples]
+    batch = collate(built, [tokens(s["images"]) for s in samples], model.tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        _, _, vision = model(**batch)
+    result = ev.teacher_forced_cosine(model, tokens, samples, torch.device("cpu"))
+    assert result["own"] == pytest.approx(1 - vision.item(), abs=1e-5)
+    assert abs(result["own"] - result["other"]) > 1e-4
+    same = [{**s, "conversations": samples[0]["conversations"][:1] + s["conversations"][1:]} for s in samples]
+    again = ev.teacher_forced_cosine(model, tokens, same, torch.device("cpu"))
+    assert again["own"] == pytest.approx(again["other"], abs=1e-6)
