@@ -67,13 +67,15 @@ def run(name, mixture, extra):
 
 
 def row(name, mixture, results):
-    """The numbers a finding is judged by: VQA accuracy, and per generation set whole-object accuracy and FD."""
+    """The numbers a finding is judged by: VQA accuracy; per generation set whole-object accuracy and FD; token cosine
+    drawn freely and teacher-forced, and what another sample's request costs the latter (0: the words are not read)."""
     g = results["generation"]
     return {"run": name, "mix": ", ".join(f"{t} {n}" for t, n in mixture.items()),
             "image_qa": results["understanding"]["image_qa"]["accuracy"], "drawn": g[G]["drawn"],
             **{f"{s} object": g[s]["model"]["object"] for s in ablate_eval_generation},
             **{f"{s} FD": g[s]["model"]["fd_siglip"] for s in ablate_eval_generation},
-            "token cos": g[G]["token_cosine"]}
+            "token cos": g[G]["token_cosine"], "forced cos": g[G]["teacher_forced_cosine"]["own"],
+            "forced cos gap": g[G]["teacher_forced_cosine"]["own"] - g[G]["teacher_forced_cosine"]["other"]}
 
 
 def table(title, rows):
