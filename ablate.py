@@ -5,9 +5,10 @@ each run with eval.py, and write a markdown table and a bar chart per study.
     python ablate.py                          # every study below, on the finished toy run's cache, adapter and decoder
     python ablate.py --studies="['tab3']"     # one study
 
-Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains) in out_dir/ablate/<run>/, sharing
-the main run's token cache, stage-1 adapter and decoder (the decoder never sees the LLM, so one serves every run); a
-run already evaluated is not run again. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
+Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains, without the toy config's
+generation lead-in) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and decoder (the
+decoder never sees the LLM, so one serves every run); a run already evaluated is not run again. Results go to
+ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
 """
 import json
 import os
@@ -58,7 +59,7 @@ def run(name, mixture, extra):
             os.symlink(os.path.abspath(os.path.join(out_dir, shared)), os.path.join(run_dir, shared))
     if not os.path.exists(os.path.join(run_dir, "vpit", "metamorph.json")):
         print(f"\n=== {name}: stage 2 on {mixture}", flush=True)
-        stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", *extra)
+        stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", "--vpit_lead_in={}", *extra)
     if train_only:
         return None
     stage("eval.py", f"--out_dir={run_dir}", f"--eval_understanding={ablate_eval_understanding}",

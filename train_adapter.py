@@ -84,7 +84,7 @@ def main():
               grad_clip=grad_clip, dtype=dtype, vision_loss_weight=1.0, vision_loss="cosine",
               deepspeed_config=adapter_deepspeed_config,
               log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
-              ckpt_interval=ckpt_interval, out_dir=out_dir)
+              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=True)
     t0 = time.time()
     if train(model, params, train_set, val_sets, MetaMorph.save_heads, "adapter", hp, rank, world, dev):
         report = {"minutes": (time.time() - t0) / 60,

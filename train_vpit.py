@@ -34,6 +34,8 @@ vpit_data = {"image_qa": -1, "video_qa": -1, "generation": -1, "image_edit": -1,
              "visual_thinking": -1}  # task -> number of samples (-1: all); ablations change this mix
 vpit_val = 64  # val samples per task for the periodic val loss
 vpit_init = "adapter"  # stage-1 checkpoint under out_dir whose adapter and delimiter rows start stage 2 ("": fresh)
+vpit_lead_in = {}  # a mixture trained alone, for vpit_lead_in_epochs, before vpit_data ({}: none, the paper's recipe;
+vpit_lead_in_epochs = 1  # configs/tiny.py: generation first, or the toy LLM never draws what it is asked, README)
 vpit_lr = 3e-4  # toy: 1e-3 learned only the answers' priors; 3e-4 reads the context (README, "Stage 2")
 vpit_weight_decay = 0.0  # Tab. 2
 vpit_batch_size = 16  # global batch, in conversations (toy: 4x the steps of 64 for the same compute)
@@ -71,11 +73,13 @@ def setup_distributed():
     return rank, world, dev
 
 
-def cosine_schedule(step, total, warmup_ratio):
-    """Linear warm-up over warmup_ratio of the steps, then cosine decay to 0 (released scripts)."""
+def cosine_schedule(step, total, warmup_ratio, decay=True):
+    """Linear warm-up over warmup_ratio of the steps, then cosine decay to 0 (released scripts), or constant."""
     warmup = max(1, round(total * warmup_ratio))
     if step < warmup:
         return (step + 1) / warmup
+    if not decay:
+        return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
@@ -111,9 +115,10 @@ def save_checkpoint(path, model, save_model, optimizer, scheduler, step):
 
 
 def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, world=1, dev=torch.device("cpu")):
-    """The hand-written loop of both stages: AdamW, warm-up + cosine, gradient accumulation up to hp["batch_size"],
-    clipping, optional bf16 autocast, periodic val loss per task, atomic checkpoints in out_dir/ckpt/<name> and
-    resume from them, a log in out_dir/logs/<name>.jsonl. save_model(model, path) writes the stage's own format.
+    """The hand-written loop of both stages: AdamW, warm-up + cosine (constant if not hp["decay"]), gradient
+    accumulation up to hp["batch_size"], clipping, optional bf16 autocast, periodic val loss per task, atomic
+    checkpoints in out_dir/ckpt/<name> and resume from them, a log in out_dir/logs/<name>.jsonl.
+    save_model(model, path) writes the stage's own format.
     Returns the engine that trained (the model, DDP or DeepSpeed) once all steps are done, else None."""
     accum = hp["batch_size"] // (hp["micro_batch_size"] * world)
     assert accum * hp["micro_batch_size"] * world == hp["batch_size"], \
@@ -124,7 +129,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
     total_steps = len(micro_batches) // (accum * world)
     optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total_steps,
-                                                                                       hp["warmup_ratio"]))
+                                                                                       hp["warmup_ratio"], hp["decay"]))
     ckpt, step = os.path.join(hp["out_dir"], "ckpt", name), 0
     if os.path.exists(os.path.join(ckpt, "trainer.pt")):  # resume: the model was loaded from ckpt by the caller
         state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
@@ -238,6 +243,53 @@ def exact_match(model, samples, cache, dev, limit=200, batch_size=32):
     return right / max(1, len(samples))
 
 
+def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
+    """Train on mixture for epochs into out_dir/<name> (a MetaMorph folder), from start or, if empty, the LLM and
+    stage 1's heads; resumes from out_dir/ckpt/<name>. The lead-in keeps its learning rate after the warm-up (the toy
+    learns to draw only under a sustained one) and skips stage 2's closing report (val losses, image_qa exact match).
+    Returns whether it finished (not: stopped by stop_after)."""
+    stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in (name, "tokens", f"ckpt/{name}"))
+    if os.path.exists(os.path.join(ckpt, "trainer.pt")):
+        model = MetaMorph.from_pretrained(ckpt)
+    elif start:
+        model = MetaMorph.from_pretrained(start)
+    else:  # (under DeepSpeed the engine loads its own checkpoint over this)
+        model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
+        if vpit_init:
+            model.load_heads(os.path.join(out_dir, vpit_init), parts=("adapter", "delimiters"))
+    model.to(dev)
+    if grad_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    train_set, val_sets = stage_data(data_dir, mixture, vpit_val, model.tokenizer, tokens_dir, max_seq_len,
+                                     num_visual_tokens)
+    params = [p for p in model.parameters() if p.requires_grad]  # everything but the vision tower (not in here)
+    if rank == 0:
+        print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {len(train_set)} "
+              f"conversations ({train_set.skipped} longer than max_seq_len, skipped), world size {world}")
+    hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
+              epochs=epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
+              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config,
+              log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
+              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in)
+    t0 = time.time()
+    if not train(model, params, train_set, val_sets, MetaMorph.save_pretrained, name, hp, rank, world, dev):
+        return False
+    results = {"minutes": (time.time() - t0) / 60}
+    if not lead_in:
+        results["val"] = val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())
+        results["image_qa_exact_match"] = exact_match(model, val_sets["image_qa"].samples, TokenCache(tokens_dir),
+                                                      dev) if "image_qa" in val_sets else None
+    with gathered(model, deepspeed_config):
+        if rank == 0:
+            model.save_pretrained(stage_dir)
+            json.dump(results, open(os.path.join(out_dir, "logs", f"{name}_report.json"), "w"), indent=1)
+            print(json.dumps(results, indent=1))
+            shutil.rmtree(ckpt, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()  # every rank sees the saved folder before the next stage starts from it
+    return True
+
+
 def main():
     rank, world, dev = setup_distributed()
     torch.manual_seed(seed)
@@ -247,41 +299,14 @@ def main():
 
         return estimate.report(llm_path, None, num_visual_tokens, {k: v for k, v in globals().items()
                                                                    if not k.startswith("_")})
-    stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in ("vpit", "tokens", "ckpt/vpit"))
+    stage_dir, tokens_dir = os.path.join(out_dir, "vpit"), os.path.join(out_dir, "tokens")
     if os.path.exists(os.path.join(stage_dir, "metamorph.json")):
         return print(f"{stage_dir} already holds the finished stage 2: delete it to train again")
-    if os.path.exists(os.path.join(ckpt, "trainer.pt")):
-        model = MetaMorph.from_pretrained(ckpt)
-    else:  # (under DeepSpeed the engine loads its own checkpoint over this)
-        model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
-        if vpit_init:
-            model.load_heads(os.path.join(out_dir, vpit_init), parts=("adapter", "delimiters"))
-    model.to(dev)
-    if grad_checkpointing:
-        model.llm.gradient_checkpointing_enable()
-    train_set, val_sets = stage_data(data_dir, vpit_data, vpit_val, model.tokenizer, tokens_dir, max_seq_len,
-                                     num_visual_tokens)
-    params = [p for p in model.parameters() if p.requires_grad]  # everything but the vision tower (not in here)
-    if rank == 0:
-        print(f"stage 2: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {len(train_set)} "
-              f"conversations ({train_set.skipped} longer than max_seq_len, skipped), world size {world}")
-    hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
-              epochs=vpit_epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
-              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config,
-              log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
-              ckpt_interval=ckpt_interval, out_dir=out_dir)
-    t0 = time.time()
-    if train(model, params, train_set, val_sets, MetaMorph.save_pretrained, "vpit", hp, rank, world, dev):
-        report = {"minutes": (time.time() - t0) / 60,
-                  "val": val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext()),
-                  "image_qa_exact_match": exact_match(model, val_sets["image_qa"].samples, TokenCache(tokens_dir), dev)
-                  if "image_qa" in val_sets else None}
-        with gathered(model, deepspeed_config):
-            if rank == 0:
-                model.save_pretrained(stage_dir)
-                json.dump(report, open(os.path.join(out_dir, "logs", "vpit_report.json"), "w"), indent=1)
-                print(json.dumps(report, indent=1))
-                shutil.rmtree(ckpt, ignore_errors=True)
+    start = os.path.join(out_dir, "vpit_lead_in") if vpit_lead_in else ""  # "": from the LLM + stage 1's heads
+    lead_in_done = not start or os.path.exists(os.path.join(start, "metamorph.json")) or \
+        run_stage("vpit_lead_in", "", vpit_lead_in, vpit_lead_in_epochs, rank, world, dev, lead_in=True)
+    if lead_in_done:  # (not done: stopped by stop_after; the next run resumes it)
+        run_stage("vpit", start, vpit_data, vpit_epochs, rank, world, dev)
     if dist.is_initialized():
         dist.destroy_process_group()
 

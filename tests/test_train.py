@@ -1,6 +1,7 @@
 """train_adapter.py and train_vpit.py end to end at micro size: both stages, resume, DDP and DeepSpeed ZeRO-3."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import run
 from model import MetaMorph
 
 STAGE2 = ["--vpit_data={'image_qa': 16, 'generation': 8, 'image_edit': 8}", "--vpit_val=2", "--micro_batch_size=4",
-          "--vpit_batch_size=8", "--log_interval=1", "--eval_interval=1000", "--vpit_lr=0.003"]
+          "--vpit_batch_size=8", "--log_interval=1", "--eval_interval=1000", "--vpit_lr=0.003", "--vpit_lead_in={}"]
 
 
 def fresh_out(micro, tmp_path, name):
@@ -48,6 +49,28 @@ def test_stage1_then_stage2(micro, tmp_path):
     assert (stage1 - model.adapter[0].weight).abs().max() < 1.0
     rerun = run("train_vpit.py", *stage_args(micro, out), *STAGE2)
     assert "already holds the finished stage 2" in rerun.stdout
+
+
+def test_lead_in_trains_first_and_stage2_starts_from_it(micro, tmp_path):
+    """configs/tiny.py's lead-in: vpit_lead_in trained alone into out_dir/vpit_lead_in, which stage 2 then starts
+    from; a finished lead-in is not trained again."""
+    out = fresh_out(micro, tmp_path, "lead")
+    args = [*stage_args(micro, out), *STAGE2[:-1], "--vpit_init=", "--vpit_lead_in={'generation': 8}",
+            "--vpit_lead_in_epochs=2"]
+    run("train_vpit.py", *args)
+    assert len(curve(out, "vpit_lead_in")) == 2  # 8 conversations at batch 8, two epochs
+    assert len(curve(out)) == 4  # stage 2: 32 conversations at batch 8
+    lead_in = os.path.join(out, "vpit_lead_in")
+    marked = MetaMorph.from_pretrained(lead_in)
+    with torch.no_grad():
+        marked.vision_head[2].bias.fill_(7.0)
+    marked.save_pretrained(lead_in)
+    shutil.rmtree(os.path.join(out, "vpit"))
+    os.remove(os.path.join(out, "logs", "vpit.jsonl"))
+    run("train_vpit.py", *args, "--vpit_lr=0.0")  # lr 0: stage 2 ends where it started
+    assert len(curve(out, "vpit_lead_in")) == 2
+    final = MetaMorph.from_pretrained(os.path.join(out, "vpit"))
+    assert torch.equal(final.vision_head[2].bias, torch.full_like(final.vision_head[2].bias, 7.0))
 
 
 def test_interrupt_and_resume_reproduces_the_loss_curve(micro, tmp_path):
