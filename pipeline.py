@@ -68,6 +68,8 @@ def plan():
             continue
         if forced and script != "toyworld.py":
             shutil.rmtree(os.path.dirname(done), ignore_errors=True)
+            if script == "train_vpit.py":  # its generation lead-in too, or stage 2 would start from the old one
+                shutil.rmtree(os.path.join(out_dir, "vpit_lead_in"), ignore_errors=True)
         todo.append((script, parallel))
     return todo
 

@@ -53,9 +53,11 @@ def test_done_stages_are_skipped_and_force_reruns_from_a_stage(fake_stages, monk
     time.sleep(0.01)
     pipeline.main("configs/tiny.py")  # everything done: nothing runs again
     assert fake_stages() == first
+    os.makedirs(os.path.join(pipeline.out_dir, "vpit_lead_in"))  # as configs/tiny.py's generation lead-in leaves it
     monkeypatch.setattr(pipeline, "force", "train_vpit.py")
     assert [s for s, _ in pipeline.plan()] == ["train_vpit.py", "train_decoder.py", "eval.py"]
-    assert not os.path.exists(os.path.join(pipeline.out_dir, "vpit"))  # its artefact cleared, as it will re-run
+    for folder in ("vpit", "vpit_lead_in"):  # its artefacts cleared, as it will re-run
+        assert not os.path.exists(os.path.join(pipeline.out_dir, folder))
     monkeypatch.setattr(pipeline, "force", "nonsense.py")
     with pytest.raises(ValueError, match="not a stage"):
         pipeline.plan()
