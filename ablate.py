@@ -6,8 +6,9 @@ each run with eval.py, and write a markdown table and a bar chart per study.
     python ablate.py --studies="['tab3']"     # one study
 
 Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains, without the toy config's
-generation lead-in; tab4_steps instead trains each mix for the same number of steps, enough for the toy to draw) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and decoder (the
-decoder never sees the LLM, so one serves every run); a run already evaluated is not run again. Results go to
+generation lead-in; tab4_steps and tab6_steps instead train each mix for the same number of steps, enough for the
+toy to draw) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and decoder (the decoder
+never sees the LLM, so one serves every run); a run already evaluated is not run again. Results go to
 ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
 """
 import json
@@ -20,8 +21,8 @@ from PIL import Image, ImageDraw
 # ---------------------------------------------------------------------------------------------------------------------
 out_dir = "out/tiny"  # the finished main run: its tokens/, adapter/ and decoder/ are shared
 ablate_dir = "ablations"  # tables and charts (committed); the runs themselves go to out_dir/ablate/<run>
-studies = ["tab4", "tab4_steps", "tab5", "tab6", "tab3"]
-ablate_equal_steps = 2000  # tab4_steps: optimizer steps per run (the toy's drawing needs ~1,500 to read the words)
+studies = ["tab4", "tab4_steps", "tab5", "tab6", "tab6_steps", "tab3"]
+ablate_equal_steps = 2000  # tab4_steps, tab6_steps: optimizer steps per run (the toy's drawing needs ~1,500 to read the words)
 train_only = False  # True: train every run's stage 2 and stop (e.g. while the decoder, which eval needs, still trains)
 ablate_eval_understanding = {"image_qa": 100}
 ablate_eval_generation = {"generation": 32, "generation_heldout": 32, "generation_riddle": 32}
@@ -36,20 +37,21 @@ def equal_steps(name, mixture, batch_size=16):
     return f"{name}-{ablate_equal_steps}steps", mixture, [f"--vpit_lead_in={mixture}", f"--vpit_lead_in_epochs={epochs}"]
 
 
+TAB4 = [("gen500", {G: 500}, []), ("gen2000", {G: 2000}, []),
+        ("gen500+qa4000", {G: 500, U: 4000}, []), ("gen2000+qa4000", {G: 2000, U: 4000}, [])]
+TAB6 = [("gen500+qa1000", {G: 500, U: 1000}, []), ("gen2000+qa1000", {G: 2000, U: 1000}, []),
+        ("gen500+qa4000", {G: 500, U: 4000}, []), ("gen2000+qa4000", {G: 2000, U: 4000}, [])]
 STUDIES = {  # study -> (title, [(run name, stage-2 mixture, extra train_vpit.py overrides)])
-    "tab4": ("Tab. 4 / Finding 1: generation-only vs joint with understanding data, at two generation-set sizes",
-             [("gen500", {G: 500}, []), ("gen2000", {G: 2000}, []),
-              ("gen500+qa4000", {G: 500, U: 4000}, []), ("gen2000+qa4000", {G: 2000, U: 4000}, [])]),
+    "tab4": ("Tab. 4 / Finding 1: generation-only vs joint with understanding data, at two generation-set sizes", TAB4),
     "tab4_steps": ("Tab. 4 / Finding 1 at equal steps: generation-only vs joint, every run ~2,000 optimizer steps",
-                   [equal_steps("gen500", {G: 500}), equal_steps("gen2000", {G: 2000}),
-                    equal_steps("gen500+qa4000", {G: 500, U: 4000}), equal_steps("gen2000+qa4000", {G: 2000, U: 4000})]),
+                   [equal_steps(name, mixture) for name, mixture, _ in TAB4]),
     "tab5": ("Tab. 5: a fixed generation set (1000) trained with each other data type alone (1000 each)",
              [("gen1000", {G: 1000}, [])] + [(f"gen1000+{t}", {G: 1000, t: 1000}, []) for t in
                                               ("image_qa", "video_qa", "video_prediction", "visual_thinking",
                                                "image_edit")]),
-    "tab6": ("Tab. 6 / Findings 2-3: understanding-data size x generation-data size",
-             [("gen500+qa1000", {G: 500, U: 1000}, []), ("gen2000+qa1000", {G: 2000, U: 1000}, []),
-              ("gen500+qa4000", {G: 500, U: 4000}, []), ("gen2000+qa4000", {G: 2000, U: 4000}, [])]),
+    "tab6": ("Tab. 6 / Findings 2-3: understanding-data size x generation-data size", TAB6),
+    "tab6_steps": ("Tab. 6 / Findings 2-3 at equal steps: understanding x generation data, every run ~2,000 steps",
+                   [equal_steps(name, mixture) for name, mixture, _ in TAB6]),
     "tab3": ("Tab. 3: cosine vs L1 vision loss (generation 2000 + image_qa 4000)",
              [("gen2000+qa4000", {G: 2000, U: 4000}, []),
               ("gen2000+qa4000-l1", {G: 2000, U: 4000}, ["--vision_loss=l1"])]),

@@ -6,10 +6,10 @@ from configurator import configure
 
 
 def test_equal_steps_runs_train_the_same_number_of_steps_through_train_vpit_knobs():
-    for mixture in ({"generation": 500}, {"generation": 2000}, {"generation": 500, "image_qa": 4000},
-                    {"generation": 2000, "image_qa": 4000}):
-        name, mix, extra = ablate.equal_steps("run", mixture, batch_size=16)
-        assert mix == mixture and name == f"run-{ablate.ablate_equal_steps}steps"
+    runs = ablate.STUDIES["tab4_steps"][1] + ablate.STUDIES["tab6_steps"][1]
+    assert len({tuple(sorted(mix.items())) for _, mix, _ in runs}) == 6  # tab4's and tab6's six distinct mixes
+    for name, mixture, extra in runs:
+        assert name.endswith(f"-{ablate.ablate_equal_steps}steps")
         knobs = configure(dict(vars(train_vpit)), ["--vpit_lead_in={}", *extra, f"--vpit_data={mixture}"])
         assert knobs["vpit_lead_in"] == mixture  # the run's own --vpit_lead_in wins over ablate's "{}"
         epochs = knobs["vpit_lead_in_epochs"] + knobs["vpit_epochs"]  # the lead-in, then stage 2's one epoch
