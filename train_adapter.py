@@ -16,12 +16,11 @@ import shutil
 import time
 
 import torch
-import torch.distributed as dist
 
 from data import stage_data
 from encode import TokenCache
 from model import MetaMorph, save_atomically
-from train_vpit import setup_distributed, train, val_losses
+from train_vpit import finish_distributed, setup_distributed, train, val_losses
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -94,8 +93,7 @@ def main():
             shutil.rmtree(ckpt, ignore_errors=True)
             json.dump(report, open(os.path.join(out_dir, "logs", "adapter_report.json"), "w"), indent=1)
             print(json.dumps(report, indent=1))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_distributed(adapter_deepspeed_config)
 
 
 if __name__ == "__main__":
