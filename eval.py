@@ -140,18 +140,22 @@ def answer_all(model, cache, items, dev, options=None):
     return results
 
 
+def accuracy_by(kinds, scored):
+    """(accuracy, {kind: accuracy}) of (prediction, correct) pairs, each of the kind (question type) beside it."""
+    by_kind = {}
+    for kind, (_, right) in zip(kinds, scored):
+        by_kind.setdefault(kind, []).append(right)
+    return float(np.mean([right for _, right in scored])), {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}
+
+
 def understanding(model, cache, dev):
     """Per task: accuracy over all questions and per question type."""
     report = {}
     for task, n in eval_understanding.items():
         samples = read_jsonl(os.path.join(data_dir, "val", f"{task}.jsonl"))[:n]
         items = questions(task, samples)
-        scored = answer_all(model, cache, items, dev)
-        by_type = {}
-        for (_, _, _, qtype), (_, right) in zip(items, scored):
-            by_type.setdefault(qtype, []).append(right)
-        report[task] = {"accuracy": float(np.mean([r for _, r in scored])), "questions": len(items),
-                        "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())}}
+        accuracy, by_type = accuracy_by([qtype for *_, qtype in items], answer_all(model, cache, items, dev))
+        report[task] = {"accuracy": accuracy, "questions": len(items), "by_type": by_type}
     return report
 
 
@@ -173,11 +177,8 @@ def run_benchmark_file(model, tower, processor, dev):
     encode = lambda paths: image_tokens(tower, processor, [load_image(os.path.join(root, p)) for p in paths],
                                         num_visual_tokens).flatten(0, 1)
     scored = answer_all(model, encode, items, dev, options)
-    by_type = {}
-    for item, (_, right) in zip(items, scored):
-        by_type.setdefault(item[3], []).append(right)
-    return {"file": benchmark_file, "accuracy": float(np.mean([r for _, r in scored])), "questions": len(items),
-            "by_category": {t: float(np.mean(v)) for t, v in sorted(by_type.items())},
+    accuracy, by_category = accuracy_by([category for *_, category in items], scored)
+    return {"file": benchmark_file, "accuracy": accuracy, "questions": len(items), "by_category": by_category,
             "predictions": [prediction for prediction, _ in scored]}
 
 
