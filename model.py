@@ -29,11 +29,15 @@ ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 def save_atomically(save, path):
     """save(tmp) writes a folder; it replaces path only once complete, so a crash leaves the previous one intact."""
-    tmp = path.rstrip("/") + ".tmp"
+    path = path.rstrip("/")
+    tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     save(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)  # two renames: no moment without a complete folder but the instant between them
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def wants_bf16(dtype, device, amx_cpu=False):
@@ -172,9 +176,11 @@ class MetaMorph(nn.Module):
 
     # ---- generation with a KV cache ----------------------------------------------------------------------------------
     def stop_ids(self):
-        """Token ids that end the assistant's turn: the tokenizer's eos and, for Llama-3 templates, <|eot_id|>."""
-        tok = self.tokenizer
-        return {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")} - {None, tok.unk_token_id}
+        """Token ids that end the assistant's turn: the tokenizer's eos, the LLM's generation_config eos (one id or a
+        list: Gemma's <end_of_turn>, Llama-3's <|eot_id|>) and <|eot_id|> when the tokenizer has it."""
+        tok, configured = self.tokenizer, getattr(self.llm.generation_config, "eos_token_id", None)
+        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        return {tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>"), *configured} - {None, tok.unk_token_id}
 
     @torch.no_grad()
     def generate(self, input_ids, slots, visual_tokens, max_new_tokens=64, temperature=0.0, top_p=1.0,
@@ -247,7 +253,7 @@ class MetaMorph(nn.Module):
             else:
                 embeds = token_embedding(torch.tensor(feed, device=h.device))[:, None]
                 if drawing:
-                    embeds[drawing] = self.adapter(v[drawing].to(embeds.dtype))[:, None]
+                    embeds[drawing] = self.adapter(v[drawing].to(embeds.dtype)).to(embeds.dtype)[:, None]
             h = step(embeds)
 
 

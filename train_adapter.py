@@ -49,16 +49,17 @@ device = "auto"
 
 
 def freeze_all_but_adapter(model):
-    """Trainable: the adapter, and of the embedding table(s) only the two new delimiter rows (a gradient mask)."""
+    """Trainable: the adapter, and of the input embedding table only the two new delimiter rows (a gradient mask).
+    PAPER.md Sec. 2: only the adapter (released code: and the input embeddings); an untied output table stays frozen,
+    as its delimiter rows, never a target in captions, would only be pushed down."""
     model.requires_grad_(False)
     model.adapter.requires_grad_(True)
-    keep = torch.zeros(model.llm.get_input_embeddings().weight.shape[0], 1)
+    table = model.llm.get_input_embeddings().weight
+    keep = torch.zeros(table.shape[0], 1)
     keep[[model.image_start_id, model.image_end_id]] = 1
-    tables = {model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight}
-    for w in tables:
-        w.requires_grad_(True)
-        w.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
-    return list(model.adapter.parameters()) + list(tables)
+    table.requires_grad_(True)
+    table.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+    return list(model.adapter.parameters()) + [table]
 
 
 def main():

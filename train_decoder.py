@@ -143,7 +143,7 @@ def cache_latents(vae, paths, rank, world, dev):
     factor; rank r encodes every world-th of them. Returns the whole cache."""
     latents_dir, root = os.path.join(out_dir, "latents"), image_root or data_dir
     cached = LatentCache(latents_dir)
-    todo = [p for p in paths if p not in cached][rank::world]
+    todo = [p for p in paths[rank::world] if p not in cached]  # split first: ranks may see the cache at different times
     part = os.path.join(latents_dir, f"part-{rank:03d}")
     index = open_index(part, vae_path, decoder_resolution)
     index["dim"] = vae.config.latent_channels
@@ -222,7 +222,7 @@ def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
         optimizer, lambda s: lr_factor(s, decoder_warmup_steps, decoder_decay_steps))
     ckpt, step = os.path.join(out_dir, "ckpt", "decoder"), 0
     if os.path.exists(os.path.join(ckpt, "trainer.pt")):  # the caller loaded the model from ckpt
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
@@ -240,7 +240,7 @@ def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
     t0, start = time.time(), step
     while step < total and step != stop_after:
         share = global_batch(step, len(paths), decoder_batch_size)[rank::world]
-        loss_sum = 0.0
+        loss_sum, lr = 0.0, scheduler.get_last_lr()[0]  # this step's (the scheduler moves on with it)
         for k in range(accum):
             idx = share[k * decoder_micro_batch_size:(k + 1) * decoder_micro_batch_size]
             x0 = latents.get_many([paths[i] for i in idx]).to(dev)
@@ -264,7 +264,7 @@ def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
             dist.all_reduce(loss_sum)
             loss_sum = loss_sum.item() / world
         if rank == 0:
-            record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": loss_sum, "lr": lr,
                       "images_per_s": (step - start) * decoder_batch_size / (time.time() - t0)}
             log.write(json.dumps(record) + "\n")
             log.flush()

@@ -147,7 +147,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
                                                                                        hp["warmup_ratio"], hp["decay"]))
     ckpt, step = os.path.join(hp["out_dir"], "ckpt", name), 0
     if os.path.exists(os.path.join(ckpt, "trainer.pt")):  # resume: the model was loaded from ckpt by the caller
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
@@ -178,6 +178,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
     t0, tokens = time.time(), 0
     while step < total_steps and step != hp["stop_after"]:
         text_sum = vision_sum = targets = 0.0
+        lr = scheduler.get_last_lr()[0]  # this step's (the scheduler moves on with it)
         for k in range(accum):
             idx = micro_batches[(step * accum + k) * world + rank]
             batch = to_device(train_set.batch(idx), dev)
@@ -208,7 +209,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
         if rank == 0:
             vision = ("vision_cos", 1 - vision_sum) if hp["vision_loss"] == "cosine" else ("vision_l1", vision_sum)
             record = {"step": step, "text_loss": text_sum, vision[0]: vision[1] if targets else None,
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.time() - t0)}
+                      "lr": lr, "tokens_per_s": tokens / (time.time() - t0)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if step % hp["log_interval"] == 0:

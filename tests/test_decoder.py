@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import toyworld
 from conftest import run
 from visualizer import Decoder, decode_tokens, load_visualizer
-from train_decoder import lr_factor, scene_agreement, training_noise, training_target
+from train_decoder import decoder_lr, lr_factor, scene_agreement, training_noise, training_target
 
 MICRO_UNET = ("--decoder_unet={'sample_size': 32, 'block_out_channels': (16, 16), 'layers_per_block': 1, "
               "'down_block_types': ('CrossAttnDownBlock2D', 'DownBlock2D'), 'up_block_types': ('UpBlock2D', "
@@ -120,6 +120,8 @@ def test_trains_saves_report_and_grids(trained):
     assert report["val_images"] == 4 and report["scene_agreement"]["objects"] > 0
     assert sorted(os.listdir(os.path.join(trained, "logs", "decoder_grids"))) == ["step-000002.png", "step-000004.png"]
     assert [r["step"] for r in curve(trained)] == [1, 2, 3, 4]
+    # each step logs the lr it trained with: the first step of the log warm-up trains at 0
+    assert [r["lr"] for r in curve(trained)] == pytest.approx([decoder_lr * lr_factor(s, 2, 2) for s in range(4)])
 
 
 def test_interrupt_and_resume_reproduces_the_run(micro, trained, tmp_path):

@@ -102,6 +102,32 @@ def test_batched_generation_equals_one_at_a_time(micro, model, draw):
         hook.remove()
 
 
+
+def test_batched_generation_with_rows_in_both_modes_under_bf16_autocast(micro, model):
+    """Under bf16 autocast the adapter's output is bf16 while the embedding rows are fp32: a step where one row draws
+    and another writes text must still mix them (it raised a dtype error in index_put)."""
+    cache = TokenCache(f"{micro['out_dir']}/tokens")
+    items = ev.questions("image_qa", ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl"))[:2]
+    prompts = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
+    visual = [cache.get_many(p).flatten(0, 1).float() for _, p, _, _ in items]
+
+    def opens(module, inputs, logits):  # row 0 opens a picture whenever it writes, row 1 never does
+        logits = logits.clone()
+        logits[0, model.image_start_id] = 1e4
+        logits[1:, model.image_start_id] = -1e4
+        return logits
+    model.stop_ids = lambda: set()
+    hook = model.llm.get_output_embeddings().register_forward_hook(opens)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pieces, _ = model.generate_batch([(p["input_ids"], p["slots"]) for p in prompts], visual,
+                                             max_new_tokens=2)
+    finally:
+        del model.stop_ids
+        hook.remove()
+    assert len(pieces[0]) == 5 and all(image.shape == (64, model.vision_dim) for image in pieces[0][1::2])
+    assert len(pieces[1]) == 1 and len(pieces[1][0]) == 2
+
 def test_questions_cover_every_turn_with_earlier_answers_given():
     sample = {"images": ["a.png"], "meta": {"qtypes": ["colour", "count"]}, "conversations": [
         {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"},

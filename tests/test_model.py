@@ -1,5 +1,6 @@
 """model.py: sequence layout for every task kind, the dual-head loss against a hand computation, no NaN without
 visual targets, and what trains in each stage."""
+import os
 import random
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 import toyworld
 from benchmark import generate_recomputing
-from model import IGNORE, IMAGE_END, IMAGE_START, MetaMorph, build_sample, collate, sample_tokens
+from model import IGNORE, IMAGE_END, IMAGE_START, MetaMorph, build_sample, collate, sample_tokens, save_atomically
 from train_adapter import freeze_all_but_adapter
 
 D_V, N = 32, 64
@@ -130,6 +131,18 @@ def test_stage1_trains_only_adapter_and_delimiter_rows(micro):
     assert len(params) == len(list(m.adapter.parameters())) + 1  # tied embeddings: one table
 
 
+def test_stage1_leaves_an_untied_output_table_frozen(micro):
+    """Llama-3.1 unties its tables: the output rows of the delimiters are never a caption target, so stage 1 must not
+    train them (PAPER.md: the adapter and, in the released code, the input embeddings)."""
+    m = MetaMorph.from_llm(f"{micro['base']}/llm", D_V, N)
+    m.llm.lm_head.weight = torch.nn.Parameter(m.llm.lm_head.weight.detach().clone())  # untie
+    params = freeze_all_but_adapter(m)
+    m(**batch_of(m, ["caption", "caption"]))[0].backward()
+    out = m.llm.get_output_embeddings().weight
+    assert out is not m.llm.get_input_embeddings().weight and not out.requires_grad and out.grad is None
+    assert not any(p is out for p in params) and m.llm.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
 def test_stage2_trains_everything(model):
     model.zero_grad()
     total, _, _ = model(**batch_of(model, ["generation", "image_qa"]))
@@ -177,3 +190,37 @@ def test_sample_tokens_greedy_and_nucleus_per_row():
     assert {d[0] for d in draws} == {3, 6} and {d[1] for d in draws} == {2, 9}
     again = [sample_tokens(logits, 1.0, 0.7, torch.Generator().manual_seed(k)) for k in range(200)]
     assert draws == again
+
+
+def test_stop_ids_include_the_generation_configs_end_of_turn(model):
+    """A template whose end of turn is not the tokenizer's eos (Gemma's <end_of_turn>, Llama-3's <|eot_id|>) names it in
+    generation_config.eos_token_id, one id or a list: generation must stop on it too."""
+    config = model.llm.generation_config
+    saved = config.eos_token_id
+    try:
+        config.eos_token_id = [model.tokenizer.eos_token_id, 7]
+        assert model.stop_ids() == {model.tokenizer.eos_token_id, 7}
+        config.eos_token_id = 9
+        assert model.stop_ids() == {model.tokenizer.eos_token_id, 9}
+    finally:
+        config.eos_token_id = saved
+
+
+def test_save_atomically_replaces_a_folder_and_keeps_it_when_a_save_fails(tmp_path):
+    path = str(tmp_path / "ckpt")
+
+    def writer(text):
+        def save(folder):
+            os.makedirs(folder)
+            open(os.path.join(folder, "f"), "w").write(text)
+        return save
+    save_atomically(writer("one"), path)
+    save_atomically(writer("two"), path)
+    assert open(os.path.join(path, "f")).read() == "two" and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+    def crash(folder):
+        os.makedirs(folder)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(crash, path)
+    assert open(os.path.join(path, "f")).read() == "two"
