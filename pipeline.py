@@ -35,15 +35,19 @@ config_file = "configs/tiny.py"  # set by configure() to the config file in use
 
 
 def stages():
-    """(script, artefact that says it is done, runs under the launcher)."""
-    base = os.path.dirname(llm_path)
-    toy = [("toyworld.py", os.path.join(data_dir, "val", "generation.jsonl"), False),
-           ("pretrain_tiny.py", os.path.join(base, "pretrain_report.json"), False)] if toy_world else []
-    return toy + [("encode.py", os.path.join(out_dir, "tokens", "index.json"), False),
-                  ("train_adapter.py", os.path.join(out_dir, "adapter", "metamorph.json"), True),
-                  ("train_vpit.py", os.path.join(out_dir, "vpit", "metamorph.json"), True),
-                  ("train_decoder.py", os.path.join(out_dir, "decoder", "decoder.json"), True),
-                  ("eval.py", os.path.join(out_dir, "eval", "report.md"), False)]
+    """(script, artefact that says it is done or None: always run, runs under the launcher, what --force clears
+    besides the artefact's folder). Every artefact is written last, when its stage has finished."""
+    base, out = os.path.dirname(llm_path), lambda *parts: os.path.join(out_dir, *parts)
+    toy = [("toyworld.py", os.path.join(data_dir, "corpus.txt"), False, []),
+           ("pretrain_tiny.py", os.path.join(base, "pretrain_report.json"), False, [])] if toy_world else []
+    # encode.py has no end marker (index.json is rewritten after every shard): it always runs and encodes only what
+    # is missing, in seconds when nothing is
+    return toy + [("encode.py", None, False, [out("tokens")]),
+                  ("train_adapter.py", out("adapter", "metamorph.json"), True, [out("ckpt", "adapter")]),
+                  ("train_vpit.py", out("vpit", "metamorph.json"), True,
+                   [out("vpit_lead_in"), out("ckpt", "vpit_lead_in"), out("ckpt", "vpit")]),
+                  ("train_decoder.py", out("decoder", "decoder.json"), True, [out("latents"), out("ckpt", "decoder")]),
+                  ("eval.py", out("eval", "report.md"), False, [])]
 
 
 def run(script, config, parallel, *args):
@@ -55,21 +59,20 @@ def run(script, config, parallel, *args):
 
 
 def plan():
-    """The stages to run, in order: those whose artefact is missing, and --force's stage with every stage after it
-    (whose artefacts are cleared, as a finished stage would otherwise say it is already done)."""
-    names = [s for s, _, _ in stages()]
+    """The stages to run, in order: those not done, and --force's stage with every stage after it. A forced stage
+    starts clean: its artefact's folder, checkpoints and caches are removed (toyworld.py clears its own folder)."""
+    names = [s for s, _, _, _ in stages()]
     if force and force not in names:
         raise ValueError(f"--force={force}: not a stage of this pipeline ({', '.join(names)})")
     todo, forced = [], False
-    for script, done, parallel in stages():
+    for script, done, parallel, clears in stages():
         forced = forced or script == force
-        if os.path.exists(done) and not forced:
+        if done and os.path.exists(done) and not forced:
             print(f"=== {script}: done ({done} exists), skipped")
             continue
         if forced and script != "toyworld.py":
-            shutil.rmtree(os.path.dirname(done), ignore_errors=True)
-            if script == "train_vpit.py":  # its generation lead-in too, or stage 2 would start from the old one
-                shutil.rmtree(os.path.join(out_dir, "vpit_lead_in"), ignore_errors=True)
+            for folder in ([os.path.dirname(done)] if done else []) + clears:
+                shutil.rmtree(folder, ignore_errors=True)
         todo.append((script, parallel))
     return todo
 

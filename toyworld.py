@@ -452,8 +452,9 @@ def write_corpus(path, rng, n_captions, repeats):
     lines = [caption(rng, random_scene(rng)) for _ in range(n_captions)]
     lines += [f"{p} {a}." for p, a in facts() for _ in range(repeats)]
     rng.shuffle(lines)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)  # written last and whole: pipeline.py takes it to mean the world is complete
 
 
 def main():

@@ -15,8 +15,9 @@ out = os.environ["FAKE_OUT"]
 json.dump({"start": start, "end": time.time()},
           open(os.path.join(out, os.path.basename(sys.argv[0]) + ".json"), "w"))
 artefact = json.load(open(os.path.join(out, "artefacts.json")))[os.path.basename(sys.argv[0])]
-os.makedirs(os.path.dirname(artefact), exist_ok=True)
-open(artefact, "w").write("done")
+if artefact:
+    os.makedirs(os.path.dirname(artefact), exist_ok=True)
+    open(artefact, "w").write("done")
 """
 
 
@@ -29,7 +30,7 @@ def fake_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "toy_world", False)
     monkeypatch.setattr(pipeline, "force", "")
     monkeypatch.setattr(pipeline, "samples", [])
-    artefacts = {script: done for script, done, _ in pipeline.stages()}
+    artefacts = {script: done for script, done, _, _ in pipeline.stages()}
     json.dump(artefacts, open(tmp_path / "artefacts.json", "w"))
     for script in artefacts:
         (tmp_path / script).write_text(FAKE_STAGE)
@@ -51,13 +52,30 @@ def test_done_stages_are_skipped_and_force_reruns_from_a_stage(fake_stages, monk
     pipeline.main("configs/tiny.py")
     first = fake_stages()
     time.sleep(0.01)
-    pipeline.main("configs/tiny.py")  # everything done: nothing runs again
-    assert fake_stages() == first
-    os.makedirs(os.path.join(pipeline.out_dir, "vpit_lead_in"))  # as configs/tiny.py's generation lead-in leaves it
+    pipeline.main("configs/tiny.py")  # everything done: only encode.py runs again (it has no end marker)
+    again = fake_stages()
+    assert again["encode.py"] != first["encode.py"] and {s: r for s, r in again.items() if s != "encode.py"} == \
+        {s: r for s, r in first.items() if s != "encode.py"}
+    left = ["vpit_lead_in", "ckpt/vpit", "ckpt/vpit_lead_in", "ckpt/decoder", "latents", "ckpt/adapter"]
+    for folder in left:  # what a lead-in, an interrupted run and the decoder's latent cache leave behind
+        os.makedirs(os.path.join(pipeline.out_dir, folder))
     monkeypatch.setattr(pipeline, "force", "train_vpit.py")
-    assert [s for s, _ in pipeline.plan()] == ["train_vpit.py", "train_decoder.py", "eval.py"]
-    for folder in ("vpit", "vpit_lead_in"):  # its artefacts cleared, as it will re-run
-        assert not os.path.exists(os.path.join(pipeline.out_dir, folder))
+    assert [s for s, _ in pipeline.plan()] == ["encode.py", "train_vpit.py", "train_decoder.py", "eval.py"]
+    for folder in ("vpit", "eval", "decoder") + tuple(left[:-1]):  # cleared, as they will re-run from scratch
+        assert not os.path.exists(os.path.join(pipeline.out_dir, folder)), folder
+    assert os.path.exists(os.path.join(pipeline.out_dir, "ckpt/adapter"))  # stage 1 is not forced
     monkeypatch.setattr(pipeline, "force", "nonsense.py")
     with pytest.raises(ValueError, match="not a stage"):
         pipeline.plan()
+
+
+def test_toy_world_is_done_only_when_its_last_file_is_written(tmp_path, monkeypatch):
+    """toyworld.py writes corpus.txt last, whole (a temporary file renamed): the pipeline's sign that the world is
+    complete, so a world interrupted while writing its task files is made again."""
+    monkeypatch.setattr(pipeline, "data_dir", str(tmp_path / "toy"))
+    done = {script: marker for script, marker, _, _ in pipeline.stages()}["toyworld.py"]
+    assert done == os.path.join(pipeline.data_dir, "corpus.txt")
+    import toyworld
+    import random
+    toyworld.write_corpus(str(tmp_path / "corpus.txt"), random.Random(0), 5, 1)
+    assert os.listdir(tmp_path) == ["corpus.txt"] and len(open(tmp_path / "corpus.txt").read().split("\n")) > 5
