@@ -66,21 +66,27 @@ def normalize(text):
 
 
 def option_letter(prediction, options=()):
-    """The option letter a reply names: "B", "b", "(b)", "B.", "B) circle", "The answer is B", or an option's text."""
+    """The option letter a reply names: "B", "(B)", "B.", "B) circle", "b" alone, "The answer is B", or an option's
+    text. Only the options' letters count (A-Z without options), and a letter that starts a longer reply must be upper
+    case, so "a circle" is not option A."""
+    letters = string.ascii_uppercase[:len(options)] if options else string.ascii_uppercase
     text = prediction.strip()
-    found = re.match(r"^\(?([A-Za-z])(?:[).:]|\s|$)", text) or re.search(r"\banswer is \(?([A-Za-z])\b", text, re.I)
-    if found:
+    found = re.fullmatch(r"\(?([A-Za-z])[).:]?", text) or re.match(r"\(?([A-Z])(?:[).:]|\s|$)", text) or \
+        re.search(r"(?i:\banswer is) \(?([A-Z])\b", text)
+    if found and found.group(1).upper() in letters:
         return found.group(1).upper()
     for k, option in enumerate(options):
         if normalize(text) == normalize(option):
-            return string.ascii_uppercase[k]
+            return letters[k]
     return None
 
 
 def is_correct(prediction, answer, options=()):
-    """Letter scoring when the answer is an option letter, else normalized exact match."""
+    """Letter scoring when there are options or the answer is a letter (the answer may be a letter or an option's
+    text), else normalized exact match."""
     if options or re.fullmatch(r"[A-Z]", answer.strip()):
-        return option_letter(prediction, options) == answer.strip().upper()
+        expected = option_letter(answer, options)
+        return expected is not None and option_letter(prediction, options) == expected
     return normalize(prediction) == normalize(answer)
 
 
@@ -165,15 +171,20 @@ def run_benchmark_file(model, tower, processor, dev):
     rows = [json.loads(line) for line in open(benchmark_file) if line.strip()]
     items, options = [], {}
     for k, row in enumerate(rows):
-        question = row["question"]
+        question, answer = row["question"], row["answer"]
+        images = row.get("images", row.get("image", []))  # LLaVA's files name one picture as "image"
+        images = [images] if isinstance(images, str) else images
         if row.get("options"):
             letters = string.ascii_uppercase
             question += "".join(f"\n{letters[i]}. {o}" for i, o in enumerate(row["options"])) + f"\n{OPTION_PROMPT}"
             options[k] = row["options"]
+            answer = letters[answer] if isinstance(answer, int) else answer  # an index (ScienceQA's layout)
+            if option_letter(str(answer), options[k]) is None:
+                raise ValueError(f"{benchmark_file}, row {k + 1}: the answer {answer!r} is neither an option's letter "
+                                 "nor its text")
         if IMAGE not in question:
-            question = f"{IMAGE}\n" * len(row.get("images", [])) + question
-        items.append(([{"from": "human", "value": question}], row.get("images", []), str(row["answer"]),
-                      row.get("category", "all")))
+            question = f"{IMAGE}\n" * len(images) + question
+        items.append(([{"from": "human", "value": question}], images, str(answer), row.get("category", "all")))
     encode = lambda paths: image_tokens(tower, processor, [load_image(os.path.join(root, p)) for p in paths],
                                         num_visual_tokens).flatten(0, 1)
     scored = answer_all(model, encode, items, dev, options)
@@ -264,8 +275,11 @@ class Judges:
 
     @torch.no_grad()
     def inception_features(self, pictures):  # the TorchScript detector of StyleGAN-ADA's metrics takes uint8 NCHW
-        pixels = torch.tensor(np.stack([np.asarray(p) for p in pictures])).permute(0, 3, 1, 2).to(self.dev)
-        return self.inception(pixels, return_features=True).cpu()
+        """Inception features of pictures of any sizes: each resized to the detector's 299 x 299, 64 at a time."""
+        pixels = lambda chunk: torch.tensor(np.stack([np.asarray(p.convert("RGB").resize((299, 299), Image.BICUBIC))
+                                                      for p in chunk])).permute(0, 3, 1, 2).to(self.dev)
+        return torch.cat([self.inception(pixels(pictures[i:i + 64]), return_features=True).cpu()
+                          for i in range(0, len(pictures), 64)])
 
     @torch.no_grad()
     def text_score(self, judge, pictures, prompts):
@@ -315,10 +329,14 @@ def generation(model, visualizer, cache, judges, dev):
             report[task]["teacher_forced_cosine"] = teacher_forced_cosine(model, cache, samples, dev)
             real = [load_image(os.path.join(data_dir, s["images"][i])) for s, i, _, _ in items]
             prompts = [s["conversations"][0]["value"] for s, _, _, _ in items]
-            report[task]["model"].update(judges.metrics(pictures, real, prompts))
+            # the text-image score compares a picture with words that describe it; a riddle's words do not (the
+            # stand-in's text tower cannot solve it), so riddles are scored against the scene they mean, in plain words
+            texts = [toyworld.describe(t) for t in targets] if task == "generation_riddle" else prompts
+            report[task]["model"].update(judges.metrics(pictures, real, texts))
             if eval_ceiling:
-                report[task]["true_tokens"].update(judges.metrics(ceiling, real, prompts))
-            grid += list(zip(prompts, real, ceiling or pictures, pictures))[:grid_rows // len(GENERATION_SETS)]
+                report[task]["true_tokens"].update(judges.metrics(ceiling, real, texts))
+            none = [Image.new("RGB", (side, side), "white")] * len(pictures)  # eval_ceiling=False: an empty column
+            grid += list(zip(prompts, real, ceiling or none, pictures))[:grid_rows // len(GENERATION_SETS)]
     return report, grid
 
 

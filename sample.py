@@ -100,9 +100,10 @@ class Session:
                   if images else torch.zeros(0, self.model.vision_dim)).to(self.dev)
         ids, slots = self.prompt_ids(text, len(images))
         used = self.cache.get_seq_length() if self.cache is not None else 0
-        if used + len(ids) + max_new_tokens > max_seq_len:
+        picture = self.model.num_visual_tokens + 1  # room for a picture: slots + <image_end>, not in max_new_tokens
+        if used + len(ids) + max_new_tokens + picture > max_seq_len:
             raise ValueError(f"prompt too long: {used} tokens of conversation so far + {len(ids)} new + "
-                             f"max_new_tokens={max_new_tokens} > max_seq_len={max_seq_len}")
+                             f"max_new_tokens={max_new_tokens} + {picture} for a picture > max_seq_len={max_seq_len}")
         pieces, self.cache = self.model.generate(ids.to(self.dev), slots.to(self.dev), visual, max_new_tokens,
                                                  temperature, top_p, self.generator, self.cache)
         decode = lambda ids: self.model.tokenizer.decode(ids, skip_special_tokens=True)

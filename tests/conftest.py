@@ -1,13 +1,19 @@
 """Shared fixtures: a micro toy world, micro stand-ins and their token cache, made once per test session by the real
-scripts (toyworld.py, pretrain_tiny.py, encode.py) at micro sizes."""
+scripts (toyworld.py, pretrain_tiny.py, encode.py) at micro sizes; and a run of untrained micro models over them."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from encode import TokenCache  # noqa: E402  (the project's modules, once ROOT is on the path)
+from model import MetaMorph  # noqa: E402
+from visualizer import Decoder  # noqa: E402
 
 MICRO_WORLD = ["--toy_train={'caption': 16, 'image_qa': 24, 'video_qa': 4, 'generation': 16, 'image_edit': 8, "
                "'video_prediction': 4, 'visual_thinking': 8}",
@@ -39,3 +45,24 @@ def micro(tmp_path_factory):
     run("encode.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", paths[0])
     return {"data_dir": data_dir, "out_dir": out_dir, "base": base,
             "args": [f"--data_dir={data_dir}", f"--out_dir={out_dir}", paths[1]]}
+
+
+MICRO_UNET = dict(sample_size=16, block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=16,
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2)
+
+
+@pytest.fixture(scope="session")
+def micro_run(micro, tmp_path_factory):
+    """{out, args}: an out_dir holding an untrained micro VPiT model, a micro decoder and (a link to) the micro
+    token cache; args point sample.py or eval.py at it."""
+    out = tmp_path_factory.mktemp("sample_run")
+    dim = TokenCache(f"{micro['out_dir']}/tokens").dim
+    torch.manual_seed(0)
+    MetaMorph.from_llm(f"{micro['base']}/llm", dim).save_pretrained(str(out / "vpit"))
+    decoder = Decoder(UNet2DConditionModel(**MICRO_UNET), dim, 32, 77, DDPMScheduler(num_train_timesteps=1000), 64)
+    decoder.save_pretrained(str(out / "decoder"))
+    os.symlink(f"{micro['out_dir']}/tokens", out / "tokens")
+    args = [f"--out_dir={out}", f"--siglip_path={micro['base']}/siglip", f"--vae_path={micro['base']}/vae",
+            "--decoder_sample_steps=2"]
+    return {"out": str(out), "args": args}

@@ -1,12 +1,15 @@
 """eval.py: Frechet distance against the closed form, answer scoring edge cases, scene scoring on hand-made scenes,
 batched generation against one at a time, and the benchmark-file runner."""
 import json
+import os
 
 import pytest
 import torch
+from PIL import Image
 
 import eval as ev
 import toyworld
+from conftest import run
 from encode import TokenCache, load_vision_tower
 from model import MetaMorph, build_sample, collate
 
@@ -18,6 +21,16 @@ def samples_with(mean, std, n=400, seed=0):
     x = x @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(x.T))).T  # whitened: covariance exactly I
     return x * torch.tensor(std, dtype=torch.float64) + torch.tensor(mean, dtype=torch.float64)
 
+
+
+@pytest.mark.parametrize("prediction, answer, right", [
+    ("a circle", "A", False), ("A large circle", "A", True), ("I think it's C", "C", False), ("D", "D", False),
+    ("circle", "B", True), ("B", "circle", True), ("(B)", "(B)", True), ("the answer is a circle", "A", False),
+    ("B", "hexagon", False), ("", "hexagon", False)])
+def test_option_scoring_counts_only_the_options_letters_in_upper_case(prediction, answer, right):
+    """With options [square, circle, triangle]: a lower-case word is not a letter, I and D are not options, and the
+    answer may be given as a letter or as an option's text; an answer that is neither matches nothing."""
+    assert ev.is_correct(prediction, answer, ["square", "circle", "triangle"]) is right
 
 def test_frechet_distance_matches_the_closed_form_for_gaussians():
     a, b = samples_with([0.0, 1.0, 2.0], [1.0, 2.0, 0.5]), samples_with([1.0, 1.0, 0.0], [2.0, 2.0, 1.5], seed=1)
@@ -144,8 +157,8 @@ def test_benchmark_file_runner(micro, model, tmp_path, monkeypatch):
     rows = [{"images": val[0]["images"], "question": "What shape is it?", "options": ["circle", "square"],
              "answer": "B", "category": "shape"},
             {"images": val[1]["images"], "question": "What colour is it?", "answer": "red", "category": "colour"},
-            {"images": val[2]["images"], "question": "How many shapes?", "options": ["one", "two", "three"],
-             "answer": "A", "category": "count"}]
+            {"image": val[2]["images"][0], "question": "How many shapes?", "options": ["one", "two", "three"],
+             "answer": 0, "category": "count"}]  # LLaVA's one "image" and ScienceQA's answer index
     path = tmp_path / "bench.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen, real = [], model.generate_batch
@@ -161,8 +174,13 @@ def test_benchmark_file_runner(micro, model, tmp_path, monkeypatch):
     assert "A." not in texts[1] and ev.OPTION_PROMPT not in texts[1]
     assert all((slots >= 0).sum() == 64 for _, slots in seen)
     assert texts[1].index("<image_end>") < texts[1].index("What colour")
-    expected = [ev.is_correct(pred, r["answer"], r.get("options", ())) for pred, r in zip(result["predictions"], rows)]
+    answers = ["B", "red", "A"]
+    expected = [ev.is_correct(pred, a, r.get("options", ())) for pred, a, r in zip(result["predictions"], answers, rows)]
     assert result["accuracy"] == pytest.approx(sum(expected) / 3)
+    rows[0]["answer"] = "hexagon"  # neither a letter nor an option: an error, not a question nobody can get right
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="row 1: the answer 'hexagon'"):
+        ev.run_benchmark_file(model, tower, processor, torch.device("cpu"))
 
 
 def test_teacher_forced_cosine_with_own_and_another_request(micro, model):
@@ -182,3 +200,40 @@ def test_teacher_forced_cosine_with_own_and_another_request(micro, model):
     same = [{**s, "conversations": samples[0]["conversations"][:1] + s["conversations"][1:]} for s in samples]
     again = ev.teacher_forced_cosine(model, tokens, same, torch.device("cpu"))
     assert again["own"] == pytest.approx(again["other"], abs=1e-6)
+
+
+def test_inception_features_take_pictures_of_any_size(tmp_path):
+    """Real benchmark pictures differ in size: each is resized to the detector's 299 x 299 before stacking."""
+    class Detector(torch.nn.Module):  # StyleGAN-ADA's TorchScript interface: uint8 NCHW in, features out
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return torch.stack([x.float().mean((1, 2, 3)), torch.tensor(float(x.shape[-1])).expand(len(x))], 1)
+    torch.jit.script(Detector()).save(str(tmp_path / "inception.pt"))
+    judges = ev.Judges.__new__(ev.Judges)
+    judges.inception, judges.dev = torch.jit.load(str(tmp_path / "inception.pt")), torch.device("cpu")
+    pictures = [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (512, 512), "white")]
+    features = judges.inception_features(pictures)
+    assert features.shape == (2, 2) and features[:, 1].tolist() == [299, 299] and features[0, 0] < features[1, 0]
+
+
+def test_eval_command_on_a_micro_run(micro, micro_run):
+    """`python eval.py` end to end on untrained micro models: every understanding task and generation set is scored
+    on the samples asked for, the ceiling and the feature metrics included, and the report, the results and the
+    grid are written."""
+    run("eval.py", *micro_run["args"], f"--data_dir={micro['data_dir']}", "--eval_max_new_tokens=4",
+        "--eval_understanding={'image_qa': 4, 'video_qa': 2, 'visual_thinking': 2}", "--grid_rows=3",
+        "--eval_generation={'generation': 4, 'generation_heldout': 4, 'generation_riddle': 4, 'image_edit': 2, "
+        "'video_prediction': 2}")
+    folder = os.path.join(micro_run["out"], "eval")
+    results = json.load(open(os.path.join(folder, "results.json")))
+    asked = {t: len(ev.questions(t, ev.read_jsonl(f"{micro['data_dir']}/val/{t}.jsonl")[:n]))
+             for t, n in (("image_qa", 4), ("video_qa", 2), ("visual_thinking", 2))}  # every turn of a conversation
+    assert {t: r["questions"] for t, r in results["understanding"].items()} == asked and asked["image_qa"] > 4
+    generation = results["generation"]
+    frames = sum(len(ev.output_images(s)) for s in ev.read_jsonl(f"{micro['data_dir']}/val/video_prediction.jsonl")[:2])
+    assert {s: r["pictures"] for s, r in generation.items()} == \
+        {"generation": 4, "generation_heldout": 4, "generation_riddle": 4, "image_edit": 2, "video_prediction": frames}
+    for name in ("generation", "generation_riddle"):
+        assert {"fd_siglip", "siglip_score", "scene"} <= set(generation[name]["true_tokens"])
+    report = open(os.path.join(folder, "report.md")).read()
+    assert "## Understanding" in report and "| generation_riddle | true tokens |" in report
+    assert Image.open(os.path.join(folder, "grid.png")).height == 20 + 3 * (2 * toyworld.SIZE + 4)

@@ -5,19 +5,13 @@ import os
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 import sample
 from configurator import configure
 from conftest import run
 from encode import TokenCache, image_tokens, load_image
-from model import MetaMorph, encode_text
-from visualizer import Decoder
-
-MICRO_UNET = dict(sample_size=16, block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=16,
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2)
+from model import encode_text
 
 
 class ImageOpener(torch.nn.Module):
@@ -31,21 +25,6 @@ class ImageOpener(torch.nn.Module):
         logits = self.head(hidden).clone()
         logits[..., self.image_start_id] += 1e4
         return logits
-
-
-@pytest.fixture(scope="module")
-def micro_run(micro, tmp_path_factory):
-    """An out_dir holding an untrained micro VPiT model and a micro decoder."""
-    out = tmp_path_factory.mktemp("sample_run")
-    dim = TokenCache(f"{micro['out_dir']}/tokens").dim
-    torch.manual_seed(0)
-    MetaMorph.from_llm(f"{micro['base']}/llm", dim).save_pretrained(str(out / "vpit"))
-    decoder = Decoder(UNet2DConditionModel(**MICRO_UNET), dim, 32, 77,
-                                    DDPMScheduler(num_train_timesteps=1000), 64)
-    decoder.save_pretrained(str(out / "decoder"))
-    args = [f"--out_dir={out}", f"--siglip_path={micro['base']}/siglip", f"--vae_path={micro['base']}/vae",
-            "--decoder_sample_steps=2", "--max_new_tokens=3"]
-    return {"out": str(out), "args": args}
 
 
 @pytest.fixture
@@ -99,22 +78,32 @@ def test_reply_shows_the_saved_picture_where_it_stands(session):
 
 def test_command_line_run(micro_run, micro):
     """The whole path from the shell: config, model, vision tower and decoder load; a question about an image."""
-    out = run("sample.py", *micro_run["args"], "--prompt", "What colour is the square?", "--image", val_image(micro))
+    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", "--prompt", "What colour is the square?", "--image", val_image(micro))
     assert "Traceback" not in out.stderr
 
 
 def test_clear_errors(micro_run, micro, tmp_path):
-    out = run("sample.py", *micro_run["args"], f"--out_dir={tmp_path}", "--prompt", "hi", check=False)
+    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", f"--out_dir={tmp_path}", "--prompt", "hi", check=False)
     assert out.returncode != 0 and "python train_vpit.py" in out.stderr and str(tmp_path) in out.stderr
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    out = run("sample.py", *micro_run["args"], "--prompt", "hi", f"--image={bad}", check=False)
+    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", "--prompt", "hi", f"--image={bad}", check=False)
     assert out.returncode != 0 and "cannot read image" in out.stderr and str(bad) in out.stderr
-    out = run("sample.py", *micro_run["args"], "--prompt", "hi", f"--image={tmp_path}/missing.png", check=False)
+    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", "--prompt", "hi", f"--image={tmp_path}/missing.png", check=False)
     assert "image not found" in out.stderr
-    out = run("sample.py", *micro_run["args"], "--prompt", "a long prompt " * 50, "--max_seq_len=64", check=False)
+    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", "--prompt", "a long prompt " * 50, "--max_seq_len=64", check=False)
     assert out.returncode != 0 and "prompt too long" in out.stderr and "max_seq_len=64" in out.stderr
 
+
+
+def test_the_length_check_leaves_room_for_a_picture(session, monkeypatch):
+    """max_new_tokens counts text tokens only; a picture adds 65 positions, which must fit in max_seq_len too."""
+    ids, _ = session.prompt_ids("Draw a red circle.", 0)
+    monkeypatch.setattr(sample, "max_seq_len", len(ids) + sample.max_new_tokens + 64)  # fits text alone, not a picture
+    with pytest.raises(ValueError, match="65 for a picture"):
+        session.reply("Draw a red circle.")
+    monkeypatch.setattr(sample, "max_seq_len", len(ids) + sample.max_new_tokens + 65)
+    assert "[image:" in session.reply("Draw a red circle.")
 
 def test_chat_keeps_every_turn_in_the_kv_cache(session, micro):
     """Turn 2 on the cache of turn 1 (a question and a generated picture) gives what generate() gives on the whole
