@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from encode import TokenCache
-from model import build_sample, collate
+from model import ROLES, build_sample, collate
 
 
 def read_jsonl(path):
@@ -27,6 +27,11 @@ def read_jsonl(path):
                 raise ValueError(f"{where}: empty line")
             try:
                 s = json.loads(line)
+                images = s.get("images", [])
+                if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                    raise TypeError("`images` must be a list of paths")
+                if not all(t["from"] in ROLES and isinstance(t["value"], str) for t in s["conversations"]):
+                    raise ValueError(f"each turn needs `from` ({', '.join(ROLES)}) and a text `value`")
                 n_placeholders = sum(t["value"].count("<image>") for t in s["conversations"])
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{where}: not a conversation sample ({e})") from None

@@ -169,7 +169,9 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             _, client_state = engine.load_checkpoint(os.path.join(ckpt, "deepspeed"))
             step = client_state["step"]
     elif world > 1:
-        engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # find_unused_parameters: a micro-batch of text-only conversations leaves the adapter out of the step
+        engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                           find_unused_parameters=True)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and not hp["deepspeed_config"])
     os.makedirs(os.path.join(hp["out_dir"], "logs"), exist_ok=True)
     log = open(os.path.join(hp["out_dir"], "logs", f"{name}.jsonl"), "a") if rank == 0 else None
@@ -227,8 +229,19 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
                 save_checkpoint(ckpt, model, save_model, optimizer, scheduler, step)
             if dist.is_initialized():
                 dist.barrier()
+            if hp["deepspeed_config"] and rank == 0:
+                keep_latest_deepspeed_checkpoint(os.path.join(ckpt, "deepspeed"))
     bar.close()
     return engine if step == total_steps else None
+
+
+def keep_latest_deepspeed_checkpoint(folder):
+    """DeepSpeed saves every checkpoint to a new global_step<N> folder and removes none (8B: ~97 GB of fp32 weights and
+    Adam moments each): once all ranks have written one, keep only the one its `latest` file names."""
+    latest = open(os.path.join(folder, "latest")).read().strip()
+    for name in os.listdir(folder):
+        if name.startswith("global_step") and name != latest:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def gathered(model, deepspeed_config):

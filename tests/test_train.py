@@ -1,4 +1,5 @@
-"""train_adapter.py and train_vpit.py end to end at micro size: both stages, resume, DDP and DeepSpeed ZeRO-3."""
+"""train_adapter.py and train_vpit.py end to end at micro size: both stages, resume, DDP and DeepSpeed ZeRO-3; and
+data.py's reading of conversation files."""
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from conftest import run
+from data import read_jsonl
 from model import MetaMorph
 
 STAGE2 = ["--vpit_data={'image_qa': 16, 'generation': 8, 'image_edit': 8}", "--vpit_val=2", "--micro_batch_size=4",
@@ -95,9 +97,25 @@ def torchrun(*args):
                env={"OMP_NUM_THREADS": "1"})
 
 
+def with_text_only_task(micro, tmp_path):
+    """A copy of the micro world's conversation files plus a task of text-only conversations (as Cambrian-7M has)."""
+    data = tmp_path / "world"
+    shutil.copytree(micro["data_dir"], data, ignore=shutil.ignore_patterns("images"))
+    os.symlink(os.path.join(micro["data_dir"], "images"), data / "images")
+    for split in ("train", "val"):
+        rows = [{"id": f"text-{i}", "images": [], "conversations": [
+            {"from": "human", "value": f"What is {i} plus one?"}, {"from": "gpt", "value": str(i + 1)}]} for i in range(8)]
+        (data / split / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(data)
+
+
 def test_two_process_ddp_matches_one_process(micro, tmp_path):
+    """Also with micro-batches that hold no image (length grouping puts the short text-only ones together), where the
+    adapter takes no part in the step: DDP must not wait for its gradients."""
     one, two = fresh_out(micro, tmp_path, "one"), fresh_out(micro, tmp_path, "two")
-    common = [*STAGE2, "--vpit_init=", "--device=cpu"]
+    data = with_text_only_task(micro, tmp_path)
+    common = [*STAGE2, "--vpit_init=", "--device=cpu", f"--data_dir={data}",
+              "--vpit_data={'image_qa': 16, 'generation': 8, 'text': 8}"]
     run("train_vpit.py", *stage_args(micro, one), *common)
     torchrun("train_vpit.py", *stage_args(micro, two), *common)
     a, b = curve(one), curve(two)
@@ -111,8 +129,13 @@ def test_two_process_ddp_matches_one_process(micro, tmp_path):
 def test_deepspeed_zero3_two_processes_trains_and_saves_hf_format(micro, tmp_path):
     pytest.importorskip("deepspeed")
     out = fresh_out(micro, tmp_path, "zero3")
-    torchrun("train_vpit.py", *stage_args(micro, out), *STAGE2, "--vpit_init=", "--device=cpu",
-             "--deepspeed_config=configs/zero3.json", "--ckpt_interval=2")
+    args = [*stage_args(micro, out), *STAGE2, "--vpit_init=", "--device=cpu", "--deepspeed_config=configs/zero3.json",
+            "--ckpt_interval=1"]
+    torchrun("train_vpit.py", *args, "--stop_after=3")  # killed after step 3: its checkpoints, the newest kept
+    ckpt = os.path.join(out, "ckpt", "vpit", "deepspeed")
+    assert sorted(f for f in os.listdir(ckpt) if not f.endswith(".py")) == ["global_step3", "latest"]
+    torchrun("train_vpit.py", *args)  # resumes from the engine's checkpoint at step 3
+    assert not os.path.exists(ckpt)
     model = MetaMorph.from_pretrained(os.path.join(out, "vpit"))
     base = MetaMorph.from_llm(os.path.join(micro["base"], "llm"), model.vision_dim)
     trained = dict(model.llm.named_parameters())
@@ -120,4 +143,17 @@ def test_deepspeed_zero3_two_processes_trains_and_saves_hf_format(micro, tmp_pat
     changed = [n for n, p in base.llm.named_parameters() if not torch.allclose(p, trained[n])]
     assert len(changed) > len(trained) // 2  # the whole LLM trained, gathered back from its ZeRO-3 shards
     losses = [r["text_loss"] for r in curve(out)]
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert [r["step"] for r in curve(out)] == [1, 2, 3, 4] and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("sample, error", [
+    ({"conversations": [{"from": "human", "value": None}]}, "text `value`"),
+    ({"conversations": [{"from": "user", "value": "hi"}]}, "`from`"),
+    ({"images": "a.png", "conversations": [{"from": "human", "value": "<image>"}]}, "list of paths"),
+    ({"images": [], "conversations": [{"from": "human", "value": "<image> hi"}]}, "1 <image> placeholders but 0")])
+def test_a_malformed_sample_is_an_error_naming_file_and_line(tmp_path, sample, error):
+    good = {"images": [], "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    path = tmp_path / "task.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(sample) + "\n")
+    with pytest.raises(ValueError, match=f"task.jsonl, line 2.*{error}"):
+        read_jsonl(str(path))
