@@ -12,6 +12,7 @@ a time).
 
 The diffusion visualizer (Sec. 2.3) that turns 64 tokens back into pixels is in visualizer.py.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +39,17 @@ def save_atomically(save, path):
         os.replace(path, old)  # two renames: no moment without a complete folder but the instant between them
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def whole(params):
+    """A context in which parameters that DeepSpeed ZeRO-3 split across the ranks are whole, and what rank 0 writes
+    into them is kept. Ordinary parameters need nothing."""
+    params = list({id(p): p for p in params if hasattr(p, "ds_id")}.values())  # (a tied table once)
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def wants_bf16(dtype, device, amx_cpu=False):
@@ -79,37 +91,44 @@ class MetaMorph(nn.Module):
         ids = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
         # (some LLMs pad their embedding table beyond the tokenizer: never shrink it)
         llm.resize_token_embeddings(max(len(tokenizer), llm.get_input_embeddings().weight.shape[0]), mean_resizing=False)
-        with torch.no_grad():  # released code: new rows = mean of the existing rows
-            for w in {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}:
+        tables = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}
+        with torch.no_grad(), whole(tables):  # released code: new rows = mean of the existing rows
+            for w in tables:
                 w[ids] = w[:vocab].mean(0)
         return cls(llm, tokenizer, vision_dim, num_visual_tokens)
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
         """path/llm (save_pretrained: weights, config, tokenizer) + path/metamorph.safetensors + path/metamorph.json.
-        Written to a temporary folder first, so a crash leaves the previous checkpoint intact."""
+        Written to a temporary folder first, so a crash leaves the previous checkpoint intact. state_dict: the whole
+        model's weights when its modules hold only shards (ZeRO-3: the engine gathers them, train_vpit.py)."""
         def save(tmp):
-            self.llm.save_pretrained(os.path.join(tmp, "llm"))
+            llm_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("llm.")} if state_dict else None
+            self.llm.save_pretrained(os.path.join(tmp, "llm"), state_dict=llm_state)
             self.tokenizer.save_pretrained(os.path.join(tmp, "llm"))
-            self.save_heads(tmp)
+            self.save_heads(tmp, state_dict)
 
         save_atomically(save, path)
 
-    def delimiter_rows(self):
-        """The trainable rows of stage 1 besides the adapter: <image_start>, <image_end> in the embedding table(s)."""
+    def delimiter_rows(self, state_dict=None):
+        """The trainable rows of stage 1 besides the adapter: <image_start>, <image_end> in the embedding table(s),
+        read from the parameters or from a state dict of the whole model."""
         ids = [self.image_start_id, self.image_end_id]
-        tables = {"input_embeddings": self.llm.get_input_embeddings().weight,
-                  "output_embeddings": self.llm.get_output_embeddings().weight}
-        if tables["input_embeddings"] is tables["output_embeddings"]:
-            del tables["output_embeddings"]  # tied
-        return {name: w[ids] for name, w in tables.items()}
+        state, name = state_dict or dict(self.named_parameters(remove_duplicate=False)), {}
+        for n, w in self.named_parameters(remove_duplicate=False):
+            name.setdefault(id(w), n)  # a tied table's first name, the one every state dict keeps
+        inputs, outputs = self.llm.get_input_embeddings().weight, self.llm.get_output_embeddings().weight
+        rows = {"input_embeddings": state[name[id(inputs)]][ids]}
+        if outputs is not inputs:  # untied
+            rows["output_embeddings"] = state[name[id(outputs)]][ids]
+        return rows
 
-    def save_heads(self, path):
+    def save_heads(self, path, state_dict=None):
         """Everything that is not the LLM: adapter, vision head and the delimiter rows (metamorph.safetensors), and
         the sizes (metamorph.json). Stage 1's whole checkpoint; stage 2 adds the LLM beside it."""
         os.makedirs(path, exist_ok=True)
-        tensors = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
-        tensors.update({f"vision_head.{k}": v for k, v in self.vision_head.state_dict().items()})
-        tensors.update({f"delimiters.{k}": v for k, v in self.delimiter_rows().items()})
+        state = state_dict or self.state_dict()
+        tensors = {k: v for k, v in state.items() if k.startswith(("adapter.", "vision_head."))}
+        tensors.update({f"delimiters.{k}": v for k, v in self.delimiter_rows(state_dict).items()})
         save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
                   os.path.join(path, "metamorph.safetensors"))
         with open(os.path.join(path, "metamorph.json"), "w") as f:
@@ -134,12 +153,12 @@ class MetaMorph(nn.Module):
         if "vision_head" in parts:
             self.vision_head.load_state_dict(part("vision_head"))
         if "delimiters" in parts:
-            with torch.no_grad():
-                rows = part("delimiters")
-                ids = [self.image_start_id, self.image_end_id]
-                self.llm.get_input_embeddings().weight[ids] = rows["input_embeddings"].to(self.llm.dtype)
+            rows, ids = part("delimiters"), [self.image_start_id, self.image_end_id]
+            inputs, outputs = self.llm.get_input_embeddings().weight, self.llm.get_output_embeddings().weight
+            with torch.no_grad(), whole([inputs, outputs]):
+                inputs[ids] = rows["input_embeddings"].to(inputs.dtype)
                 if "output_embeddings" in rows:
-                    self.llm.get_output_embeddings().weight[ids] = rows["output_embeddings"].to(self.llm.dtype)
+                    outputs[ids] = rows["output_embeddings"].to(outputs.dtype)
 
     # ---- the forward pass and the dual-head loss ---------------------------------------------------------------------
     def embed(self, input_ids, slots, visual_tokens):

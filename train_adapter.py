@@ -19,8 +19,8 @@ import torch
 
 from data import stage_data
 from encode import TokenCache
-from model import MetaMorph, save_atomically
-from train_vpit import finish_distributed, setup_distributed, train, val_losses
+from model import MetaMorph, save_atomically, whole
+from train_vpit import built_in_shards, finish_distributed, setup_distributed, train, val_losses
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -69,31 +69,36 @@ def main():
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in ("adapter", "tokens", "ckpt/adapter"))
     if os.path.exists(os.path.join(stage_dir, "metamorph.json")):
         return print(f"{stage_dir} already holds the finished stage 1: delete it to train again")
-    model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
-    if os.path.exists(os.path.join(ckpt, "trainer.pt")):
-        model.load_heads(ckpt)
-    params = freeze_all_but_adapter(model)
-    model.to(dev)
-    train_set, val_sets = stage_data(data_dir, adapter_data, adapter_val, model.tokenizer, tokens_dir, max_seq_len,
-                                     num_visual_tokens)
-    if rank == 0:
-        print(f"stage 1: {sum(p.numel() for p in model.adapter.parameters()) / 1e6:.2f}M adapter parameters + 2 "
-              f"delimiter rows, {len(train_set)} conversations, world size {world}")
     hp = dict(lr=adapter_lr, weight_decay=adapter_weight_decay, batch_size=adapter_batch_size,
               micro_batch_size=micro_batch_size, epochs=adapter_epochs, warmup_ratio=adapter_warmup_ratio,
               grad_clip=grad_clip, dtype=dtype, vision_loss_weight=1.0, vision_loss="cosine",
               deepspeed_config=adapter_deepspeed_config,
               log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
               ckpt_interval=ckpt_interval, out_dir=out_dir, decay=True)
+    with built_in_shards(hp, world, dev):
+        model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
+    if os.path.exists(os.path.join(ckpt, "trainer.pt")):
+        model.load_heads(ckpt)
+    params = freeze_all_but_adapter(model)
+    if not adapter_deepspeed_config:  # (DeepSpeed places the model itself)
+        model.to(dev)
+    train_set, val_sets = stage_data(data_dir, adapter_data, adapter_val, model.tokenizer, tokens_dir, max_seq_len,
+                                     num_visual_tokens)
+    if rank == 0:
+        print(f"stage 1: {sum(p.numel() for p in model.adapter.parameters()) / 1e6:.2f}M adapter parameters + 2 "
+              f"delimiter rows, {len(train_set)} conversations, world size {world}")
     t0 = time.time()
-    if train(model, params, train_set, val_sets, MetaMorph.save_heads, "adapter", hp, rank, world, dev):
+    engine = train(model, params, train_set, val_sets, MetaMorph.save_heads, "adapter", hp, rank, world, dev)
+    if engine is not None:
         report = {"minutes": (time.time() - t0) / 60,
                   "val": val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())}
-        if rank == 0:
-            save_atomically(model.save_heads, stage_dir)
-            shutil.rmtree(ckpt, ignore_errors=True)
-            json.dump(report, open(os.path.join(out_dir, "logs", "adapter_report.json"), "w"), indent=1)
-            print(json.dumps(report, indent=1))
+        tables = [model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight]
+        with whole([*model.adapter.parameters(), *model.vision_head.parameters(), *tables]):  # ZeRO-3: gathered
+            if rank == 0:
+                save_atomically(model.save_heads, stage_dir)
+                shutil.rmtree(ckpt, ignore_errors=True)
+                json.dump(report, open(os.path.join(out_dir, "logs", "adapter_report.json"), "w"), indent=1)
+                print(json.dumps(report, indent=1))
     finish_distributed(adapter_deepspeed_config)
 
 

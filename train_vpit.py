@@ -159,12 +159,8 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
     if hp["deepspeed_config"]:
         import deepspeed  # the engine shards parameters, gradients and optimizer state (ZeRO-3) and does the step
 
-        ds_config = json.load(open(hp["deepspeed_config"]))
-        ds_config.update(train_micro_batch_size_per_gpu=hp["micro_batch_size"], gradient_accumulation_steps=accum,
-                         train_batch_size=hp["batch_size"], gradient_clipping=hp["grad_clip"],
-                         bf16={"enabled": bf16}, zero_allow_untested_optimizer=True)
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                               lr_scheduler=scheduler, config=ds_config)
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                               config=deepspeed_settings(hp, world, dev))
         if os.path.exists(os.path.join(ckpt, "deepspeed")):
             _, client_state = engine.load_checkpoint(os.path.join(ckpt, "deepspeed"))
             step = client_state["step"]
@@ -244,14 +240,39 @@ def keep_latest_deepspeed_checkpoint(folder):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def gathered(model, deepspeed_config):
-    """A context in which every parameter is whole: under ZeRO-3 each rank holds a shard, and saving in HF format
-    gathers the 16-bit weights first. Without DeepSpeed (or ZeRO < 3) it changes nothing."""
-    if not deepspeed_config:
-        return contextlib.nullcontext()
-    import deepspeed
+def deepspeed_settings(hp, world, dev):
+    """The DeepSpeed JSON the config names, with this run's batch sizes, clipping and precision filled in."""
+    settings = json.load(open(hp["deepspeed_config"]))
+    settings.update(train_micro_batch_size_per_gpu=hp["micro_batch_size"], train_batch_size=hp["batch_size"],
+                    gradient_accumulation_steps=hp["batch_size"] // (hp["micro_batch_size"] * world),
+                    gradient_clipping=hp["grad_clip"], bf16={"enabled": wants_bf16(hp["dtype"], dev)},
+                    zero_allow_untested_optimizer=True)
+    return settings
 
-    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+@contextlib.contextmanager
+def built_in_shards(hp, world, dev):
+    """Under a ZeRO-3 config, a model built (from_pretrained) in here comes out already split across the ranks
+    (transformers loads it under deepspeed.zero.Init): no rank ever holds all of a 70B LLM. Otherwise nothing."""
+    settings = deepspeed_settings(hp, world, dev) if hp["deepspeed_config"] else {}
+    if settings.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed()  # DeepSpeed's view of torchrun's process group (its world size)
+    zero3 = HfDeepSpeedConfig(settings)  # from_pretrained reads it while it lives
+    yield
+    del zero3
+
+
+def whole_state_dict(engine):
+    """Every rank calls it. Under ZeRO-3 the engine gathers the 16-bit weights one module at a time onto rank 0's CPU
+    (no rank ever holds the whole model on its GPU); None where the modules are whole already."""
+    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return None
 
 
 @torch.no_grad()
@@ -278,15 +299,22 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     learns to draw only under a sustained one) and skips stage 2's closing report (val losses, image_qa exact match).
     Returns whether it finished (not: stopped by stop_after)."""
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in (name, "tokens", f"ckpt/{name}"))
-    if os.path.exists(os.path.join(ckpt, "trainer.pt")):
-        model = MetaMorph.from_pretrained(ckpt)
-    elif start:
-        model = MetaMorph.from_pretrained(start)
-    else:  # (under DeepSpeed the engine loads its own checkpoint over this)
-        model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
-        if vpit_init:
-            model.load_heads(os.path.join(out_dir, vpit_init), parts=("adapter", "delimiters"))
-    model.to(dev)
+    hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
+              epochs=epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
+              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config,
+              log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
+              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in)
+    with built_in_shards(hp, world, dev):
+        if os.path.exists(os.path.join(ckpt, "trainer.pt")):
+            model = MetaMorph.from_pretrained(ckpt)
+        elif start:
+            model = MetaMorph.from_pretrained(start)
+        else:  # (under DeepSpeed the engine loads its own checkpoint over this)
+            model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
+            if vpit_init:
+                model.load_heads(os.path.join(out_dir, vpit_init), parts=("adapter", "delimiters"))
+    if not deepspeed_config:  # (DeepSpeed places the model itself)
+        model.to(dev)
     if grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
     train_set, val_sets = stage_data(data_dir, mixture, vpit_val, model.tokenizer, tokens_dir, max_seq_len,
@@ -295,13 +323,9 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     if rank == 0:
         print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {len(train_set)} "
               f"conversations ({train_set.skipped} longer than max_seq_len, skipped), world size {world}")
-    hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
-              epochs=epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
-              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config,
-              log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
-              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in)
     t0 = time.time()
-    if not train(model, params, train_set, val_sets, MetaMorph.save_pretrained, name, hp, rank, world, dev):
+    engine = train(model, params, train_set, val_sets, MetaMorph.save_pretrained, name, hp, rank, world, dev)
+    if engine is None:
         return False
     results = {"minutes": (time.time() - t0) / 60}
     if not lead_in:
@@ -309,12 +333,12 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
         if "image_qa" in val_sets:  # the first questions of 200 val conversations (64 would be +-6 points)
             results["image_qa_exact_match"] = exact_match(model, load_mixture(data_dir, "val", {"image_qa": -1}),
                                                           TokenCache(tokens_dir), dev, limit=200)
-    with gathered(model, deepspeed_config):
-        if rank == 0:
-            model.save_pretrained(stage_dir)
-            json.dump(results, open(os.path.join(out_dir, "logs", f"{name}_report.json"), "w"), indent=1)
-            print(json.dumps(results, indent=1))
-            shutil.rmtree(ckpt, ignore_errors=True)
+    state = whole_state_dict(engine)
+    if rank == 0:
+        model.save_pretrained(stage_dir, state)
+        json.dump(results, open(os.path.join(out_dir, "logs", f"{name}_report.json"), "w"), indent=1)
+        print(json.dumps(results, indent=1))
+        shutil.rmtree(ckpt, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()  # every rank sees the saved folder before the next stage starts from it
     return True

@@ -157,3 +157,29 @@ def test_a_malformed_sample_is_an_error_naming_file_and_line(tmp_path, sample, e
     path.write_text(json.dumps(good) + "\n" + json.dumps(sample) + "\n")
     with pytest.raises(ValueError, match=f"task.jsonl, line 2.*{error}"):
         read_jsonl(str(path))
+
+
+ZERO3_BUILD = """
+import os, sys, torch, torch.distributed as dist
+import train_vpit
+from model import MetaMorph, whole
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+dist.init_process_group("gloo")  # one rank, as torchrun would start it
+hp = dict(deepspeed_config="configs/zero3.json", micro_batch_size=2, batch_size=2, grad_clip=1.0, dtype="float32")
+with train_vpit.built_in_shards(hp, 1, torch.device("cpu")):
+    model = MetaMorph.from_llm(sys.argv[1], 16)
+layer = model.llm.model.layers[0].self_attn.q_proj.weight
+table = model.llm.get_input_embeddings().weight
+with whole([table]):
+    delimiters_at_mean = torch.allclose(table[-2:], table[:-2].mean(0).expand(2, -1).contiguous())
+print("sharded", hasattr(layer, "ds_id"), layer.numel(), "delimiters at the mean", delimiters_at_mean)
+dist.destroy_process_group()
+"""
+
+
+def test_a_zero3_model_is_built_in_shards(micro):
+    """Under a ZeRO-3 config the LLM comes out of from_pretrained already split (an empty local tensor per weight),
+    and the delimiter rows, written through whole(), still start at the mean row: the way a 70B model fits."""
+    pytest.importorskip("deepspeed")
+    out = run(sys.executable, "-c", ZERO3_BUILD, os.path.join(micro["base"], "llm"))
+    assert "sharded True 0 delimiters at the mean True" in out.stdout
