@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import run
 from data import read_jsonl
@@ -183,3 +184,18 @@ def test_a_zero3_model_is_built_in_shards(micro):
     pytest.importorskip("deepspeed")
     out = run(sys.executable, "-c", ZERO3_BUILD, os.path.join(micro["base"], "llm"))
     assert "sharded True 0 delimiters at the mean True" in out.stdout
+
+
+def test_stage1_on_zero3_two_processes_trains_the_delimiter_rows(micro, tmp_path):
+    """configs/70b.py runs stage 1 on ZeRO-3: the adapter and the input table are split across the ranks, the gradient
+    mask still reaches the delimiter rows, and the heads are gathered for the save."""
+    pytest.importorskip("deepspeed")
+    out = fresh_out(micro, tmp_path, "stage1_zero3")
+    torchrun("train_adapter.py", *stage_args(micro, out), "--adapter_data={'caption': 16}", "--adapter_val=2",
+             "--micro_batch_size=4", "--adapter_batch_size=8", "--device=cpu",
+             "--adapter_deepspeed_config=configs/zero3.json")
+    saved = load_file(os.path.join(out, "adapter", "metamorph.safetensors"))
+    start = MetaMorph.from_llm(os.path.join(micro["base"], "llm"), saved["adapter.0.weight"].shape[1])
+    rows = start.llm.get_input_embeddings().weight[[start.image_start_id, start.image_end_id]]
+    assert (saved["delimiters.input_embeddings"] - rows).abs().max() > 1e-4  # trained, and saved whole
+    assert saved["adapter.0.weight"].shape == start.adapter[0].weight.shape
