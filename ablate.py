@@ -26,6 +26,7 @@ ablate_equal_steps = 2000  # tab4_steps, tab6_steps: optimizer steps per run (th
 train_only = False  # True: train every run's stage 2 and stop (e.g. while the decoder, which eval needs, still trains)
 ablate_eval_understanding = {"image_qa": 100}
 ablate_eval_generation = {"generation": 32, "generation_heldout": 32, "generation_riddle": 32}
+config_file = "configs/tiny.py"  # set by configure() to the config file in use; every run gets it too
 # ---------------------------------------------------------------------------------------------------------------------
 G, U = "generation", "image_qa"
 
@@ -34,7 +35,8 @@ def equal_steps(name, mixture, batch_size=16):
     """A run of about ablate_equal_steps optimizer steps on one mix, whatever its size: the mix as a constant-lr lead-in
     for as many epochs as that takes, then its usual one-epoch stage 2 (cosine decay)."""
     epochs = max(1, round(ablate_equal_steps * batch_size / sum(mixture.values())) - 1)
-    return f"{name}-{ablate_equal_steps}steps", mixture, [f"--vpit_lead_in={mixture}", f"--vpit_lead_in_epochs={epochs}"]
+    return f"{name}-{ablate_equal_steps}steps", mixture, [f"--vpit_lead_in={mixture}", f"--vpit_lead_in_epochs={epochs}",
+                                                          f"--vpit_batch_size={batch_size}"]  # the batch counted on
 
 
 TAB4 = [("gen500", {G: 500}, []), ("gen2000", {G: 2000}, []),
@@ -59,7 +61,7 @@ STUDIES = {  # study -> (title, [(run name, stage-2 mixture, extra train_vpit.py
 
 
 def stage(script, *args):
-    subprocess.run([sys.executable, script, *args], check=True)
+    subprocess.run([sys.executable, script, config_file, *args], check=True)
 
 
 def run(name, mixture, extra):

@@ -21,7 +21,7 @@ vision_dim = 1152  # SigLIP so400m width (PAPER.md Sec. 2)
 num_visual_tokens = 64
 gpu_count = 8
 gpu_memory_gb = 80
-assumed_mfu = 0.4  # model FLOPs utilisation: achieved / peak
+assumed_mfu = 0.4  # model FLOPs utilisation: the model's FLOPs (no recompute) achieved / peak
 gpu_peak_tflops = 989.0  # H100 SXM dense bf16
 avg_sample_tokens = 600  # mean conversation length in tokens, images included (66 positions each)
 dry_run_tokens = 0  # 0: estimate the tokens as sum(vpit_data) x avg_sample_tokens x vpit_epochs
@@ -139,13 +139,15 @@ def report(llm_path, vision_dim, num_visual_tokens, cfg):
     r["tokens"] = c["dry_run_tokens"] or samples * c["avg_sample_tokens"]
     seq_len = min(c["avg_sample_tokens"], c["max_seq_len"])  # samples are not packed: T = a sample's length
     r["flops_per_token"] = flops_per_token(r["matmul_params"], config, seq_len, c["grad_checkpointing"])
+    r["model_flops_per_token"] = flops_per_token(r["matmul_params"], config, seq_len, False)  # what MFU counts
     r["memory_gb"] = memory_gb(config, r["trainable_params"], c["gpu_count"], c["micro_batch_size"], c["max_seq_len"],
                                c["grad_checkpointing"])
     r["fits"] = r["memory_gb"]["total"] <= 0.9 * c["gpu_memory_gb"]  # 10% for CUDA context, fragmentation, buffers
-    r["hours"] = hours(r["tokens"], r["flops_per_token"], c["gpu_count"], c["gpu_peak_tflops"], c["assumed_mfu"])
+    # MFU (PaLM App. B) counts the model's FLOPs, not the recomputed forward: hours from those
+    r["hours"] = hours(r["tokens"], r["model_flops_per_token"], c["gpu_count"], c["gpu_peak_tflops"], c["assumed_mfu"])
     per_step = c["micro_batch_size"] * c["gpu_count"]
     r["grad_accum"] = c["vpit_batch_size"] / per_step
-    r["steps"] = samples // c["vpit_batch_size"]
+    r["steps"] = int(r["tokens"] / c["avg_sample_tokens"]) // c["vpit_batch_size"]  # (dry_run_tokens too)
     B, m = 1e9, r["memory_gb"]
     print(f"LLM config: {source} (meta device, no weights read); vision width {vision_dim}")
     print(f"  d={config.hidden_size} layers={config.num_hidden_layers} heads={config.num_attention_heads}"
@@ -155,8 +157,9 @@ def report(llm_path, vision_dim, num_visual_tokens, cfg):
           f"vision head {human(r['vision_head_params'])}  new token rows {human(r['new_token_params'])}")
     print(f"  trainable in stage 2: {human(r['trainable_params'])} (the vision tower is not in the model: "
           f"visual tokens are cached, {num_visual_tokens} + 2 positions an image)")
-    print(f"FLOPs/token: {r['flops_per_token'] / B:.3g} GFLOP (6N + 12·L·d·T, T={seq_len}"
-          f"{', x4/3 gradient checkpointing' if c['grad_checkpointing'] else ''})")
+    print(f"FLOPs/token: {r['model_flops_per_token'] / B:.3g} GFLOP (6N + 12·L·d·T, T={seq_len})"
+          + (f", {r['flops_per_token'] / B:.3g} with gradient checkpointing's recomputed forward (x4/3)"
+             if c["grad_checkpointing"] else ""))
     print(f"memory/GPU (ZeRO-3 over {c['gpu_count']} GPUs, micro batch {c['micro_batch_size']} x {c['max_seq_len']}): "
           f"sharded states {m['sharded']:.1f} + gathered weights {m['gathered']:.1f} + activations "
           f"{m['activations']:.1f} + logits {m['logits']:.1f} = {m['total']:.1f} GB -> "
@@ -170,7 +173,7 @@ def report(llm_path, vision_dim, num_visual_tokens, cfg):
     source = "dry_run_tokens" if c["dry_run_tokens"] else f"{samples:,} samples x {c['avg_sample_tokens']} tokens"
     print(f"time: {human(r['tokens'])} tokens ({source}), {r['steps']:,} steps of {c['vpit_batch_size']} "
           f"(grad accumulation {r['grad_accum']:g}) -> {r['hours']:.1f} h on {c['gpu_count']} GPUs at "
-          f"{c['assumed_mfu']:.0%} of {c['gpu_peak_tflops']:g} TFLOPS ({r['hours'] * c['gpu_count']:,.0f} GPU-hours)")
+          f"{c['assumed_mfu']:.0%} MFU of {c['gpu_peak_tflops']:g} TFLOPS ({r['hours'] * c['gpu_count']:,.0f} GPU-hours)")
     return r
 
 

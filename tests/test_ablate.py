@@ -10,8 +10,19 @@ def test_equal_steps_runs_train_the_same_number_of_steps_through_train_vpit_knob
     assert len({tuple(sorted(mix.items())) for _, mix, _ in runs}) == 6  # tab4's and tab6's six distinct mixes
     for name, mixture, extra in runs:
         assert name.endswith(f"-{ablate.ablate_equal_steps}steps")
-        knobs = configure(dict(vars(train_vpit)), ["--vpit_lead_in={}", *extra, f"--vpit_data={mixture}"])
+        knobs = configure(dict(vars(train_vpit)), ["--vpit_batch_size=64",  # as a config with another batch would
+                                                   "--vpit_lead_in={}", *extra, f"--vpit_data={mixture}"])
         assert knobs["vpit_lead_in"] == mixture  # the run's own --vpit_lead_in wins over ablate's "{}"
+        assert knobs["vpit_batch_size"] == 16  # the run's own batch too: its step count rests on it
         epochs = knobs["vpit_lead_in_epochs"] + knobs["vpit_epochs"]  # the lead-in, then stage 2's one epoch
-        steps = epochs * sum(mixture.values()) / 16
+        steps = epochs * sum(mixture.values()) / knobs["vpit_batch_size"]
         assert abs(steps - ablate.ablate_equal_steps) <= sum(mixture.values()) / 16 / 2 + 1, (mixture, steps)
+
+
+def test_every_run_gets_the_config_file_ablate_was_given(monkeypatch):
+    """python ablate.py configs/x.py: each train_vpit.py and eval.py run reads configs/x.py too, not the default."""
+    calls = []
+    monkeypatch.setattr(ablate.subprocess, "run", lambda command, check: calls.append(command))
+    monkeypatch.setattr(ablate, "config_file", "configs/smol.py")
+    ablate.stage("train_vpit.py", "--out_dir=x")
+    assert calls[0][1:] == ["train_vpit.py", "configs/smol.py", "--out_dir=x"]
