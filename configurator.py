@@ -16,8 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 STAGES = ["toyworld.py", "pretrain_tiny.py", "prepare_smol.py", "encode.py", "train_adapter.py", "train_vpit.py",
-          "train_decoder.py", "sample.py", "eval.py", "estimate.py", "pipeline.py",
-          "ablate.py"]
+          "train_decoder.py", "sample.py", "eval.py", "estimate.py", "pipeline.py", "ablate.py", "benchmark.py"]
 
 
 def knobs(g):
@@ -47,12 +46,16 @@ def parse_value(text):
 
 
 def checked(key, value, default, source):
-    """value, converted where lossless (int -> float), or a ValueError that names the key."""
-    if default is None or value is None:
+    """value, converted where lossless (int -> float), or a ValueError that names the key. None only where the default
+    is None; a list's items must have the type of the default's items (when it has some, all of one type)."""
+    if default is None:
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        item_types = {type(item) for item in default}
+        if len(item_types) == 1:
+            value = [checked(f"{key}[{i}]", item, default[0], source) for i, item in enumerate(value)]
         return type(default)(value)
     if type(value) is not type(default):
         raise ValueError(f"config key '{key}' ({source}): expected {type(default).__name__}, "
@@ -91,7 +94,7 @@ def configure(g, argv=None):
         raise FileNotFoundError(f"config file not found: {config_file}")
     defaults = knobs(g)
     file_values = {}
-    exec(open(config_file).read(), {}, file_values)
+    exec(open(config_file).read(), file_values)  # one namespace: a comprehension in the file sees its earlier names
     file_values = knobs(file_values)
     unknown = sorted(set(file_values) - set(defaults) - declared_by_any_stage())
     if unknown:
@@ -105,8 +108,9 @@ def configure(g, argv=None):
             raise ValueError(f"unknown config key '{key}' (command line): known keys are {sorted(defaults)}")
         value = text if isinstance(defaults[key], str) else parse_value(text)  # a prompt stays a string
         if isinstance(defaults[key], list) and not isinstance(value, list):  # repeatable: --image a.png --image b.png
+            item = text if all(isinstance(x, str) for x in defaults[key]) else parse_value(text)
             value = repeated.setdefault(key, [])
-            value.append(text)
+            value.append(item)
         g[key] = checked(key, value, defaults[key], "command line")
     g["config_file"] = config_file
     return {k: g[k] for k in defaults}

@@ -121,7 +121,7 @@ def settings(cfg):
     dry-run knobs still gets the values its config file sets), else the defaults above."""
     from_file = {}
     if cfg.get("config_file") and os.path.exists(cfg["config_file"]):
-        exec(open(cfg["config_file"]).read(), {}, from_file)
+        exec(open(cfg["config_file"]).read(), from_file)
     return {k: cfg.get(k, from_file.get(k, v)) for k, v in DEFAULTS.items()}
 
 

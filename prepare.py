@@ -19,6 +19,7 @@ lands in the same split whichever converter writes it.
 """
 import argparse
 import functools
+import hashlib
 import json
 import os
 import random
@@ -101,18 +102,23 @@ def folder_pairs(root):
     without its .txt, or a .txt without its picture, arrives as a Skip."""
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        images = {os.path.splitext(n)[0]: n for n in files if n.lower().endswith(IMAGE_EXTENSIONS)}
+        images = {}
+        for n in sorted(files):
+            if n.lower().endswith(IMAGE_EXTENSIONS):
+                images.setdefault(os.path.splitext(n)[0], []).append(n)
         captions = {os.path.splitext(n)[0] for n in files if n.endswith(".txt")}
         for stem in sorted(images.keys() | captions):
             where = os.path.join(folder, stem)
-            if stem not in captions:
-                yield where, Skip("no caption file", images[stem])
+            if len(images.get(stem, [])) > 1:
+                yield where, Skip("several pictures for one caption", images[stem])
+            elif stem not in captions:
+                yield where, Skip("no caption file", images[stem][0])
             elif stem not in images:
                 yield where, Skip("caption without image", f"{stem}.txt")
             else:
                 with open(f"{where}.txt") as f:
                     caption = f.read()
-                yield where, {"image": os.path.relpath(os.path.join(folder, images[stem]), root), "caption": caption}
+                yield where, {"image": os.path.relpath(os.path.join(folder, images[stem][0]), root), "caption": caption}
 
 
 def pair_rows(path):
@@ -213,7 +219,7 @@ def llava_samples(args, rng, i, row):
     except (KeyError, TypeError) as e:
         raise Skip("not a conversation", e) from None
     sid, paths = row_id(args, i, row), [image_path(args, p) for p in images]
-    return images[0] if images else sid, [{"id": sid, "task": args.task, "images": paths, "conversations": turns}]
+    return paths[0] if paths else sid, [{"id": sid, "task": args.task, "images": paths, "conversations": turns}]
 
 
 def request(caption):
@@ -226,7 +232,7 @@ def pair_samples(args, rng, i, row):
     App. C.2) and a caption conversation, stage 1's data (App. A.1)."""
     image, caption = field(row, "image"), " ".join(field(row, "caption").split())
     path, sid = image_path(args, image), f"{args.name}-{i:08d}"
-    return image, [sample(f"{sid}-gen", "generation", [path], generation_turns(rng, request(caption))),
+    return path, [sample(f"{sid}-gen", "generation", [path], generation_turns(rng, request(caption))),
                    sample(f"{sid}-cap", "caption", [path], [f"{IMAGE}\n{rng.choice(CAPTION_PROMPTS)}", caption])]
 
 
@@ -249,7 +255,7 @@ def prediction_samples(args, rng, i, row):
         texts, ordered = frame_prediction(rng, kind, clip(rng, frames, args.clip_frames, args.intervals))
         samples.append(sample(f"{row['video']}-{kind}", "video_prediction", [image_path(args, f) for f in ordered],
                               texts))
-    return row["video"], samples
+    return image_path(args, row["video"]), samples
 
 
 def video_qa_samples(args, rng, i, row):
@@ -258,14 +264,15 @@ def video_qa_samples(args, rng, i, row):
     frames = frames_of(args.src, video)
     m = min(len(frames), args.qa_frames)
     picked = [image_path(args, frames[j * len(frames) // m]) for j in range(m)]
-    return video, [sample(row_id(args, i, row), "video_qa", picked, video_qa_turns(m, question, answer))]
+    qa = sample(row_id(args, i, row), "video_qa", picked, video_qa_turns(m, question, answer))
+    return image_path(args, video), [qa]
 
 
 def edit_samples(args, rng, i, row):
     """Image-to-image (App. C: InstructPix2Pix, Aurora): {source, instruction, target} -> "<image> {instruction}" ->
     "<image>"."""
     source, instruction, target = field(row, "source"), field(row, "instruction"), field(row, "target")
-    return source, [sample(row_id(args, i, row), "image_edit",
+    return image_path(args, source), [sample(row_id(args, i, row), "image_edit",
                            [image_path(args, source), image_path(args, target)], edit_turns(instruction))]
 
 
@@ -291,9 +298,11 @@ def thinking_samples(args, rng, i, row):
         raise Skip("missing image" if isinstance(e, FileNotFoundError) else "unreadable image", e) from None
     x0, y0, x1, y1 = pixel_box(row.get("box"), *picture.size)
     side = min(max(x1 - x0, y1 - y0), *picture.size)  # the box, squared
-    crop = os.path.join(args.crops, f"{i:08d}.png")
+    # named by what it shows, not by row number: encode.py's cache keeps a path's tokens, so a path keeps its pixels
+    name = hashlib.sha1(json.dumps([image, [x0, y0, x1, y1]]).encode()).hexdigest()[:20]
+    crop = os.path.join(args.crops, f"{name}.png")
     zoom(picture, (x0 + x1) // 2, (y0 + y1) // 2, side, min(picture.size), Image.BICUBIC).save(crop)
-    return image, [sample(row_id(args, i, row), "visual_thinking",
+    return image_path(args, image), [sample(row_id(args, i, row), "visual_thinking",
                           [image_path(args, image), os.path.relpath(crop, args.image_root)],
                           thinking_turns(question, answer))]
 
@@ -324,7 +333,8 @@ class Output:
         return os.path.join(self.out, split, f"{task}{self.suffix}.jsonl")
 
     def add(self, key, samples):
-        """One source row's samples, all to the split its key hashes to."""
+        """One source row's samples, all to the split its key hashes to: the path of its (first) image as the JSONL
+        names it, normalised, so an image goes to one split whichever source or converter names it, and however."""
         split = "val" if zlib.crc32(key.encode()) < self.val * 2 ** 32 else "train"
         for s in samples:
             if (split, s["task"]) not in self.files:  # both splits, so that val/<task>.jsonl exists even if empty
@@ -384,7 +394,7 @@ def parse_args(argv=None):
     common.add_argument("--val", type=float, default=0.01, help="fraction of rows for val/, by a hash of the image")
     common.add_argument("--seed", type=int, default=1337, help="for the phrasings and the clips")
     common.add_argument("--fast", action="store_true", help="only check that images exist, do not decode them "
-                                                            "(encode.py --skip_bad_images=True then skips bad ones)")
+                                                            "(an unreadable one then stops encode.py, which names it)")
     commands = parser.add_subparsers(dest="command", required=True)
     llava = commands.add_parser("llava", parents=[common], help="LLaVA / Cambrian instruction JSON or JSONL")
     llava.add_argument("--task", default="image_qa", help="image_qa, or caption for a caption set (LLaVA-Pretrain)")

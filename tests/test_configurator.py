@@ -61,3 +61,17 @@ def test_default_config_is_tiny():
 def test_split_args_rejects_stray_words():
     with pytest.raises(ValueError, match="unexpected argument"):
         split_args(["configs/tiny.py", "oops"])
+
+
+def test_none_lists_and_names_shared_within_a_file(tmp_path):
+    """None only where the default is None; a list's items keep the default's item type (--channels 64 collects the
+    number 64, --channels=[1, 'x'] is an error); a config file's comprehension sees the names defined before it."""
+    with pytest.raises(ValueError, match="'steps'.*NoneType"):
+        configure(knobs(), [write_config(tmp_path, ""), "--steps=None"])
+    g = {**knobs(), "channels": [16, 32], "images": [], "path": None}
+    configure(g, [write_config(tmp_path, ""), "--channels", "64", "--channels", "8", "--path=out"])
+    assert g["channels"] == [64, 8] and g["path"] == "out"
+    with pytest.raises(ValueError, match=r"'channels\[1\]'"):
+        configure(g, [write_config(tmp_path, ""), "--channels=[1, 'x']"])
+    configure(g, [write_config(tmp_path, "steps = 4\nchannels = [steps * k for k in (1, 2)]\n")])
+    assert g["channels"] == [4, 8]

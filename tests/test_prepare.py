@@ -131,6 +131,9 @@ def test_pairs_from_a_folder(tmp_path):
     (src / "part0" / "orphan.txt").write_text("A caption with no picture.")
     (src / "part0" / "empty.txt").write_text("  \n")
     save(render([]), str(src / "part0" / "empty.png"))
+    for twin in ("twin.png", "twin.jpg"):  # two pictures, one caption: which is meant?
+        save(render([]), str(src / "part0" / twin))
+    (src / "part0" / "twin.txt").write_text("A blank picture.")
     convert("pairs", "--src", src, "--out", out, "--val", 0.3)
     generation = loaded(out, "train", "generation") + loaded(out, "val", "generation")
     captions = loaded(out, "train", "caption") + loaded(out, "val", "caption")
@@ -150,7 +153,8 @@ def test_pairs_from_a_folder(tmp_path):
     assert all(s["conversations"][0]["value"].startswith("<image>\n") for s in captions)
     assert {s["conversations"][1]["value"] for s in captions} == {text for _, text in pairs}
     assert len({s["conversations"][0]["value"] for s in captions}) >= 3
-    assert reasons(out, "pairs") == ["caption without image", "empty text", "no caption file"]
+    assert reasons(out, "pairs") == ["caption without image", "empty text", "no caption file",
+                                     "several pictures for one caption"]
 
 
 def test_pairs_from_a_tsv(tmp_path):
@@ -248,6 +252,26 @@ def test_visual_thinking_saves_the_zoomed_crop(tmp_path):
         assert crop.size == (64, 64) and crop.getpixel((32, 32)) == COLOURS[colour]  # the box fills the picture
         assert (np.asarray(crop) == COLOURS[colour]).all(-1).mean() > 0.5
     assert reasons(out, "thinking") == ["bad box", "bad box", "missing image"]
+    crops = [s["images"][1] for s in samples]
+    write_jsonl(src / "vt.jsonl", rows[1:])  # a row fewer: the other crops keep their names (the token cache's keys)
+    convert("thinking", "--src", src / "vt.jsonl", "--out", out, "--val", 0)
+    assert [s["images"][1] for s in loaded(out, "train", "visual_thinking")] == crops[1:]
+
+
+def test_an_image_lands_in_one_split_however_its_sources_name_it(tmp_path):
+    """The split hashes the image's path as the JSONL names it: a LLaVA file naming coco/x.png and a caption TSV inside
+    coco/ naming ./x.png put every image in the same split."""
+    src, out = tmp_path / "src", tmp_path / "data"
+    pairs = pictures_with_captions(src / "coco", 40)
+    names = [os.path.basename(p) for p, _ in pairs]
+    write_jsonl(src / "llava.jsonl", [{"id": n, "image": f"coco/{n}", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": t}]} for n, (_, t) in zip(names, pairs)])
+    (src / "coco" / "pairs.tsv").write_text("".join(f"./{n}\t{t}\n" for n, (_, t) in zip(names, pairs)))
+    convert("llava", "--src", src / "llava.jsonl", "--images", src, "--out", out, "--val", 0.3)
+    convert("pairs", "--src", src / "coco" / "pairs.tsv", "--out", out, "--val", 0.3)
+    split_of = lambda task: {s["images"][0]: split for split in ("train", "val") for s in loaded(out, split, task)}
+    qa, generation = split_of("image_qa"), split_of("generation")
+    assert qa == generation and 0 < list(qa.values()).count("val") < 40
 
 
 def test_stage2_trains_on_converted_pairs(micro, tmp_path):
