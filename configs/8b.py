@@ -75,3 +75,8 @@ dry_run_tokens = 0  # 0: sum(vpit_data) x avg_sample_tokens x vpit_epochs
 
 # ---- pipeline.py ----------------------------------------------------------------------------------------------------
 toy_world = False  # real data and models: no toy world, no stand-ins
+samples = [("Generate an image of a red apple on a wooden table.", "")]  # (prompt, picture under data_dir or "")
+
+# ---- eval.py on real data ------------------------------------------------------------------------------------------
+eval_understanding = {"image_qa": 500}  # val/<task>.jsonl as prepare.py writes them (add video_qa where converted)
+eval_generation = {"generation": 200}  # no held-out or riddle sets, no scene reader: FD, SigLIP score, token cosine

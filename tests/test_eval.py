@@ -2,6 +2,7 @@
 batched generation against one at a time, and the benchmark-file runner."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -237,3 +238,25 @@ def test_eval_command_on_a_micro_run(micro, micro_run):
     report = open(os.path.join(folder, "report.md")).read()
     assert "## Understanding" in report and "| generation_riddle | true tokens |" in report
     assert Image.open(os.path.join(folder, "grid.png")).height == 20 + 3 * (2 * toyworld.SIZE + 4)
+
+
+def test_eval_command_on_real_layout_data(micro, micro_run, tmp_path):
+    """Data as prepare.py writes it: no toy-world meta (no scene reader, no question types), pictures under an
+    image_root of their own. eval.py scores what it can (answers, token cosine, FD, SigLIP score) and marks the rest."""
+    data, pictures = tmp_path / "data", tmp_path / "pictures"
+    pictures.mkdir()
+    os.symlink(os.path.join(micro["data_dir"], "images"), pictures / "images")
+    for task in ("generation", "image_qa"):
+        (data / "val").mkdir(parents=True, exist_ok=True)
+        rows = [{k: v for k, v in s.items() if k != "meta"}
+                for s in ev.read_jsonl(f"{micro['data_dir']}/val/{task}.jsonl")[:4]]
+        (data / "val" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    shutil.copytree(micro_run["out"], out, symlinks=True, ignore=shutil.ignore_patterns("eval"))
+    run("eval.py", *micro_run["args"], f"--out_dir={out}", f"--data_dir={data}", f"--image_root={pictures}",
+        "--eval_understanding={'image_qa': 4}", "--eval_generation={'generation': 4}", "--eval_max_new_tokens=4")
+    results = json.load(open(out / "eval" / "results.json"))
+    assert set(results["understanding"]["image_qa"]["by_type"]) == {"image_qa"}
+    generation = results["generation"]["generation"]
+    assert "scene" not in generation["model"] and {"fd_siglip", "siglip_score"} <= set(generation["model"])
+    assert "| generation | model | " in open(out / "eval" / "report.md").read()
