@@ -20,9 +20,9 @@ STAGES = ["toyworld.py", "pretrain_tiny.py", "prepare_smol.py", "encode.py", "tr
 
 
 def knobs(g):
-    """The configurable globals of a script: plain values, not modules, functions or _private names."""
+    """The configurable globals of a script: plain values, not modules, functions, _private names or CONSTANTS."""
     kinds = (int, float, bool, str, list, tuple, dict, type(None))
-    return {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, kinds)}
+    return {k: v for k, v in g.items() if not k.startswith("_") and not k.isupper() and isinstance(v, kinds)}
 
 
 def declared_by_any_stage():

@@ -11,12 +11,34 @@ import torch
 from tqdm import tqdm
 
 from encode import TokenCache
-from model import ROLES, build_sample, collate
+from model import IMAGE, ROLES, build_sample, collate
+
+
+def conversation_problem(sample):
+    """(reason, detail) if the sample is not one the loader takes (DESIGN.md), else None: a JSON object with a list of
+    image paths and conversations of an optional system turn, then human/gpt pairs, text in every turn, one image per
+    <image> placeholder. prepare.py skips (and logs) such rows; read_jsonl stops on them."""
+    if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+        return "not a conversation", "a JSON object with a `conversations` list"
+    images, turns = sample.get("images", []), sample["conversations"]
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        return "bad images field", "`images` must be a list of paths"
+    if not all(isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) for t in turns):
+        return "not a conversation", f"each turn needs `from` ({', '.join(ROLES)}) and a text `value`"
+    roles = [t["from"] for t in turns][1 if turns and turns[0]["from"] == "system" else 0:]
+    if not roles or roles != ["human", "gpt"] * (len(roles) // 2):
+        return "turns out of order", roles
+    if any(not t["value"].strip() for t in turns):
+        return "empty text", "a turn"
+    placeholders = sum(t["value"].count(IMAGE) for t in turns)
+    if placeholders != len(images):
+        return "placeholder mismatch", f"{placeholders} {IMAGE} placeholders but {len(images)} images"
+    return None
 
 
 def read_jsonl(path):
-    """Samples of a conversation file; an empty or malformed line, or a placeholder/image count mismatch, is an error
-    naming the file and line."""
+    """Samples of a conversation file; an empty or malformed line, or a sample the loader cannot take
+    (conversation_problem), is an error naming the file and line."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"conversation file not found: {path}")
     samples = []
@@ -27,17 +49,11 @@ def read_jsonl(path):
                 raise ValueError(f"{where}: empty line")
             try:
                 s = json.loads(line)
-                images = s.get("images", [])
-                if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-                    raise TypeError("`images` must be a list of paths")
-                if not all(t["from"] in ROLES and isinstance(t["value"], str) for t in s["conversations"]):
-                    raise ValueError(f"each turn needs `from` ({', '.join(ROLES)}) and a text `value`")
-                n_placeholders = sum(t["value"].count("<image>") for t in s["conversations"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{where}: not a conversation sample ({e})") from None
-            if n_placeholders != len(s.get("images", [])):
-                raise ValueError(f"{where} ({s.get('id')}): {n_placeholders} <image> placeholders but "
-                                 f"{len(s.get('images', []))} images")
+            except ValueError as e:
+                raise ValueError(f"{where}: not valid JSON ({e})") from None
+            problem = conversation_problem(s)
+            if problem:
+                raise ValueError(f"{where} ({s.get('id') if isinstance(s, dict) else None}): {problem[0]}: {problem[1]}")
             samples.append(s)
     return samples
 

@@ -169,10 +169,14 @@ def understanding(model, cache, dev):
 def run_benchmark_file(model, tower, processor, dev):
     """A benchmark in the LLaVA/Cambrian eval layout, scored by option letter (with options) or exact match."""
     root = benchmark_image_root or os.path.dirname(os.path.abspath(benchmark_file))
-    rows = [json.loads(line) for line in open(benchmark_file) if line.strip()]
     items, options = [], {}
-    for k, row in enumerate(rows):
-        question, answer = row["question"], row["answer"]
+    for k, line in enumerate(open(benchmark_file)):
+        try:
+            row = json.loads(line)
+            question, answer = row["question"], row["answer"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{benchmark_file}, line {k + 1}: not a benchmark row, a JSON object with `question` and "
+                             f"`answer` ({e!r})") from None
         images = row.get("images", row.get("image", []))  # LLaVA's files name one picture as "image"
         images = [images] if isinstance(images, str) else images
         if row.get("options"):
@@ -181,7 +185,7 @@ def run_benchmark_file(model, tower, processor, dev):
             options[k] = row["options"]
             answer = letters[answer] if isinstance(answer, int) else answer  # an index (ScienceQA's layout)
             if option_letter(str(answer), options[k]) is None:
-                raise ValueError(f"{benchmark_file}, row {k + 1}: the answer {answer!r} is neither an option's letter "
+                raise ValueError(f"{benchmark_file}, line {k + 1}: the answer {answer!r} is neither an option's letter "
                                  "nor its text")
         if IMAGE not in question:
             question = f"{IMAGE}\n" * len(images) + question

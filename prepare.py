@@ -30,6 +30,7 @@ from collections import Counter
 from PIL import Image
 from tqdm import tqdm
 
+from data import conversation_problem
 from encode import load_image
 from model import IMAGE
 from toyworld import (CAPTION_PROMPTS, VIDEO_PREDICTIONS, edit_turns, frame_prediction, generation_turns,
@@ -172,17 +173,11 @@ def image_problem(path, decode):
 
 
 def check(sample, image_root, decode):
-    """Skip unless the sample is one the loader takes (DESIGN.md): an optional system turn, then human/gpt pairs, no
-    empty text, one image per <image> placeholder, every image there (and readable)."""
-    turns = sample["conversations"]
-    roles = [t.get("from") for t in turns][1 if turns and turns[0].get("from") == "system" else 0:]
-    if not roles or roles != ["human", "gpt"] * (len(roles) // 2):
-        raise Skip("turns out of order", roles)
-    if any(not isinstance(t.get("value"), str) or not t["value"].strip() for t in turns):
-        raise Skip("empty text", "a turn")
-    placeholders = sum(t["value"].count(IMAGE) for t in turns)
-    if placeholders != len(sample["images"]):
-        raise Skip("placeholder mismatch", f"{placeholders} {IMAGE} placeholders, {len(sample['images'])} images")
+    """Skip unless the sample is one the loader takes (data.conversation_problem) and every image is there (and
+    readable)."""
+    problem = conversation_problem(sample)
+    if problem:
+        raise Skip(*problem)
     for path in sample["images"]:
         problem = image_problem(os.path.join(image_root, path), decode)
         if problem:

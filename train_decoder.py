@@ -222,7 +222,7 @@ def train(decoder, latents, tokens, paths, rank, world, dev, on_step):
         optimizer, lambda s: lr_factor(s, decoder_warmup_steps, decoder_decay_steps))
     ckpt, step = os.path.join(out_dir, "ckpt", "decoder"), 0
     if os.path.exists(os.path.join(ckpt, "trainer.pt")):  # the caller loaded the model from ckpt
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]

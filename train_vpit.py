@@ -125,7 +125,8 @@ def val_losses(model, val_sets, micro_batch, dev, amp):
 def save_checkpoint(path, model, save_model, optimizer, scheduler, step):
     """Atomic: the model in its stage's format + the trainer state (optimizer, schedule, step, RNG)."""
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-             "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
+             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     save_atomically(lambda tmp: (save_model(model, tmp), torch.save(state, os.path.join(tmp, "trainer.pt"))), path)
 
 
@@ -147,12 +148,14 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
                                                                                        hp["warmup_ratio"], hp["decay"]))
     ckpt, step = os.path.join(hp["out_dir"], "ckpt", name), 0
     if os.path.exists(os.path.join(ckpt, "trainer.pt")):  # resume: the model was loaded from ckpt by the caller
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if rank == 0:
             print(f"resumed from {ckpt} at step {step}/{total_steps}")
     engine = model
@@ -286,7 +289,8 @@ def exact_match(model, samples, cache, dev, limit=200, batch_size=32):
         prompts = [build_sample(model.tokenizer, s["conversations"][:1], len(s["images"]), model.num_visual_tokens,
                                 add_generation_prompt=True) for s in chunk]
         replies, _ = model.generate_batch([(p["input_ids"].to(dev), p["slots"].to(dev)) for p in prompts],
-                                          [cache.get_many(s["images"]).flatten(0, 1).to(dev) for s in chunk],
+                                          [(cache.get_many(s["images"]).flatten(0, 1) if s["images"] else  # text-only
+                                            torch.zeros(0, model.vision_dim)).to(dev) for s in chunk],
                                           max_new_tokens=16)
         right += sum(model.tokenizer.decode(pieces[-1], skip_special_tokens=True).strip() ==
                      s["conversations"][1]["value"].strip() for pieces, s in zip(replies, chunk))
@@ -328,14 +332,15 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     if engine is None:
         return False
     results = {"minutes": (time.time() - t0) / 60}
+    state = whole_state_dict(engine)
+    if rank == 0:  # saved first: nothing in the report below can lose the trained model
+        model.save_pretrained(stage_dir, state)
     if not lead_in:
         results["val"] = val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())
         if "image_qa" in val_sets:  # the first questions of 200 val conversations (64 would be +-6 points)
             results["image_qa_exact_match"] = exact_match(model, load_mixture(data_dir, "val", {"image_qa": -1}),
                                                           TokenCache(tokens_dir), dev, limit=200)
-    state = whole_state_dict(engine)
     if rank == 0:
-        model.save_pretrained(stage_dir, state)
         json.dump(results, open(os.path.join(out_dir, "logs", f"{name}_report.json"), "w"), indent=1)
         print(json.dumps(results, indent=1))
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -180,7 +180,10 @@ def test_benchmark_file_runner(micro, model, tmp_path, monkeypatch):
     assert result["accuracy"] == pytest.approx(sum(expected) / 3)
     rows[0]["answer"] = "hexagon"  # neither a letter nor an option: an error, not a question nobody can get right
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match="row 1: the answer 'hexagon'"):
+    with pytest.raises(ValueError, match="line 1: the answer 'hexagon'"):
+        ev.run_benchmark_file(model, tower, processor, torch.device("cpu"))
+    path.write_text(json.dumps(rows[1]) + "\n" + json.dumps({"question": "no answer"}) + "\n")
+    with pytest.raises(ValueError, match="bench.jsonl, line 2: not a benchmark row"):
         ev.run_benchmark_file(model, tower, processor, torch.device("cpu"))
 
 

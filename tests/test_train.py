@@ -151,7 +151,11 @@ def test_deepspeed_zero3_two_processes_trains_and_saves_hf_format(micro, tmp_pat
     ({"conversations": [{"from": "human", "value": None}]}, "text `value`"),
     ({"conversations": [{"from": "user", "value": "hi"}]}, "`from`"),
     ({"images": "a.png", "conversations": [{"from": "human", "value": "<image>"}]}, "list of paths"),
-    ({"images": [], "conversations": [{"from": "human", "value": "<image> hi"}]}, "1 <image> placeholders but 0")])
+    ({"images": [], "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "a"}]},
+     "1 <image> placeholders but 0"),
+    ([1, 2], "not a conversation"),
+    ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}, "turns out of order"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]}, "empty text")])
 def test_a_malformed_sample_is_an_error_naming_file_and_line(tmp_path, sample, error):
     good = {"images": [], "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
     path = tmp_path / "task.jsonl"
@@ -199,3 +203,15 @@ def test_stage1_on_zero3_two_processes_trains_the_delimiter_rows(micro, tmp_path
     rows = start.llm.get_input_embeddings().weight[[start.image_start_id, start.image_end_id]]
     assert (saved["delimiters.input_embeddings"] - rows).abs().max() > 1e-4  # trained, and saved whole
     assert saved["adapter.0.weight"].shape == start.adapter[0].weight.shape
+
+
+def test_exact_match_takes_text_only_conversations(micro):
+    """Cambrian's image_qa files hold text-only conversations: stage 2's closing report must answer them too."""
+    from encode import TokenCache
+    from train_vpit import exact_match
+    cache = TokenCache(os.path.join(micro["out_dir"], "tokens"))
+    model = MetaMorph.from_llm(os.path.join(micro["base"], "llm"), cache.dim).eval()
+    text_only = {"images": [], "conversations": [{"from": "human", "value": "What is 1 plus 1?"},
+                                                 {"from": "gpt", "value": "2"}]}
+    with_image = read_jsonl(os.path.join(micro["data_dir"], "val", "image_qa.jsonl"))[0]
+    assert 0 <= exact_match(model, [text_only, with_image], cache, torch.device("cpu")) <= 1
