@@ -72,14 +72,12 @@ def option_letter(prediction, options=()):
     case, so "a circle" is not option A."""
     letters = string.ascii_uppercase[:len(options)] if options else string.ascii_uppercase
     text = prediction.strip()
-    found = re.fullmatch(r"\(?([A-Za-z])[).:]?", text) or re.match(r"\(?([A-Z])(?:[).:]|\s|$)", text) or \
-        re.search(r"(?i:\banswer is) \(?([A-Z])\b", text)
-    if found and found.group(1).upper() in letters:
-        return found.group(1).upper()
-    for k, option in enumerate(options):
+    for k, option in enumerate(options):  # first: an option's own text ("A dog" is option B's text, not letter A)
         if normalize(text) == normalize(option):
             return letters[k]
-    return None
+    found = re.fullmatch(r"\(?([A-Za-z])[).:]?", text) or re.match(r"\(?([A-Z])(?:[).:]|\s|$)", text) or \
+        re.search(r"(?i:\banswer is) \(?([A-Z])\b", text)
+    return found.group(1).upper() if found and found.group(1).upper() in letters else None
 
 
 def is_correct(prediction, answer, options=()):
@@ -170,12 +168,15 @@ def run_benchmark_file(model, tower, processor, dev):
     """A benchmark in the LLaVA/Cambrian eval layout, scored by option letter (with options) or exact match."""
     root = benchmark_image_root or os.path.dirname(os.path.abspath(benchmark_file))
     items, options = [], {}
-    for k, line in enumerate(open(benchmark_file)):
+    for lineno, line in enumerate(open(benchmark_file), 1):
+        if not line.strip():
+            continue  # (a blank line, e.g. at the end)
+        k = len(items)
         try:
             row = json.loads(line)
             question, answer = row["question"], row["answer"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{benchmark_file}, line {k + 1}: not a benchmark row, a JSON object with `question` and "
+            raise ValueError(f"{benchmark_file}, line {lineno}: not a benchmark row, a JSON object with `question` and "
                              f"`answer` ({e!r})") from None
         images = row.get("images", row.get("image", []))  # LLaVA's files name one picture as "image"
         images = [images] if isinstance(images, str) else images
@@ -185,7 +186,7 @@ def run_benchmark_file(model, tower, processor, dev):
             options[k] = row["options"]
             answer = letters[answer] if isinstance(answer, int) else answer  # an index (ScienceQA's layout)
             if option_letter(str(answer), options[k]) is None:
-                raise ValueError(f"{benchmark_file}, line {k + 1}: the answer {answer!r} is neither an option's letter "
+                raise ValueError(f"{benchmark_file}, line {lineno}: the answer {answer!r} is neither an option's letter "
                                  "nor its text")
         if IMAGE not in question:
             question = f"{IMAGE}\n" * len(images) + question

@@ -89,8 +89,10 @@ class MetaMorph(nn.Module):
         vocab = len(tokenizer)
         tokenizer.add_tokens([IMAGE_START, IMAGE_END], special_tokens=True)
         ids = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
-        # (some LLMs pad their embedding table beyond the tokenizer: never shrink it)
-        llm.resize_token_embeddings(max(len(tokenizer), llm.get_input_embeddings().weight.shape[0]), mean_resizing=False)
+        # (some LLMs pad their embedding table beyond the tokenizer: never shrink it; built in ZeRO-3 shards, a weight's
+        # own shape is empty and ds_shape is the whole one)
+        rows = getattr(llm.get_input_embeddings().weight, "ds_shape", llm.get_input_embeddings().weight.shape)[0]
+        llm.resize_token_embeddings(max(len(tokenizer), rows), mean_resizing=False)
         tables = {llm.get_input_embeddings().weight, llm.get_output_embeddings().weight}
         with torch.no_grad(), whole(tables):  # released code: new rows = mean of the existing rows
             for w in tables:

@@ -162,8 +162,13 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
     if hp["deepspeed_config"]:
         import deepspeed  # the engine shards parameters, gradients and optimizer state (ZeRO-3) and does the step
 
+        settings = deepspeed_settings(hp, world, dev)
+        if settings["bf16"]["enabled"]:  # DeepSpeed does not cast a model built in shards (zero.Init made the LLM bf16):
+            for p in model.parameters():  # the heads built beside it follow
+                if not hasattr(p, "ds_id"):
+                    p.data = p.data.to(torch.bfloat16)
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                               config=deepspeed_settings(hp, world, dev))
+                                                               config=settings)
         if os.path.exists(os.path.join(ckpt, "deepspeed")):
             _, client_state = engine.load_checkpoint(os.path.join(ckpt, "deepspeed"))
             step = client_state["step"]

@@ -33,6 +33,12 @@ def test_option_scoring_counts_only_the_options_letters_in_upper_case(prediction
     answer may be given as a letter or as an option's text; an answer that is neither matches nothing."""
     assert ev.is_correct(prediction, answer, ["square", "circle", "triangle"]) is right
 
+
+def test_an_options_own_text_wins_over_a_letter_it_starts_with():
+    options = ["A cat", "A dog", "The bird"]
+    assert ev.option_letter("A dog", options) == "B" and ev.is_correct("B", "A dog", options)
+    assert not ev.is_correct("A", "A dog", options) and ev.option_letter("A.", options) == "A"
+
 def test_frechet_distance_matches_the_closed_form_for_gaussians():
     a, b = samples_with([0.0, 1.0, 2.0], [1.0, 2.0, 0.5]), samples_with([1.0, 1.0, 0.0], [2.0, 2.0, 1.5], seed=1)
     # diagonal covariances: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2

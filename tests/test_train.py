@@ -131,7 +131,7 @@ def test_deepspeed_zero3_two_processes_trains_and_saves_hf_format(micro, tmp_pat
     pytest.importorskip("deepspeed")
     out = fresh_out(micro, tmp_path, "zero3")
     args = [*stage_args(micro, out), *STAGE2, "--vpit_init=", "--device=cpu", "--deepspeed_config=configs/zero3.json",
-            "--ckpt_interval=1"]
+            "--ckpt_interval=1", "--dtype=bfloat16"]  # as configs/8b.py: the LLM built in bf16 shards, the heads cast
     torchrun("train_vpit.py", *args, "--stop_after=3")  # killed after step 3: its checkpoints, the newest kept
     ckpt = os.path.join(out, "ckpt", "vpit", "deepspeed")
     assert sorted(f for f in os.listdir(ckpt) if not f.endswith(".py")) == ["global_step3", "latest"]
