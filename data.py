@@ -7,7 +7,6 @@ import json
 import os
 import random
 
-import torch
 from tqdm import tqdm
 
 from encode import TokenCache
@@ -100,8 +99,7 @@ class ConversationData:
         return [len(b["input_ids"]) for b in self.built]
 
     def batch(self, indices):
-        visual = [self.cache.get_many(self.samples[i]["images"]) if self.samples[i].get("images")
-                  else torch.zeros(0, self.cache.num_tokens, self.cache.dim) for i in indices]
+        visual = [self.cache.get_many(self.samples[i].get("images", [])) for i in indices]
         return collate([self.built[i] for i in indices], [v.flatten(0, 1) for v in visual], self.pad_id)
 
 

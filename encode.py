@@ -184,7 +184,9 @@ class TokenCache:
         return self._handles[shard].get_slice("tokens")[row].float()
 
     def get_many(self, paths):
-        """float32 (len(paths), num_tokens, dim)."""
+        """float32 (len(paths), num_tokens, dim); no paths (a text-only conversation): (0, num_tokens, dim)."""
+        if not paths:
+            return torch.zeros(0, self.num_tokens, self.dim)
         return torch.stack([self[path] for path in paths])
 
     def __getstate__(self):  # DataLoader workers: open handles cannot be pickled, each worker opens its own

@@ -264,6 +264,11 @@ def text_image_model(path, dev):
             AutoImageProcessor.from_pretrained(path))
 
 
+def in_chunks(features, pictures, size=64):
+    """features(chunk) of pictures, size at a time, concatenated."""
+    return torch.cat([features(pictures[i:i + size]) for i in range(0, len(pictures), size)])
+
+
 class Judges:
     """The feature spaces generated pictures are measured in: SigLIP (always), Inception and CLIP (when local weights
     are configured)."""
@@ -277,15 +282,14 @@ class Judges:
     @torch.no_grad()
     def pooled(self, pictures):
         pixels = lambda chunk: self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.dev)
-        return torch.cat([self.tower(pixels(pictures[i:i + 64])).pooler_output.cpu() for i in range(0, len(pictures), 64)])
+        return in_chunks(lambda chunk: self.tower(pixels(chunk)).pooler_output.cpu(), pictures)
 
     @torch.no_grad()
     def inception_features(self, pictures):  # the TorchScript detector of StyleGAN-ADA's metrics takes uint8 NCHW
         """Inception features of pictures of any sizes: each resized to the detector's 299 x 299, 64 at a time."""
         pixels = lambda chunk: torch.tensor(np.stack([np.asarray(p.convert("RGB").resize((299, 299), Image.BICUBIC))
                                                       for p in chunk])).permute(0, 3, 1, 2).to(self.dev)
-        return torch.cat([self.inception(pixels(pictures[i:i + 64]), return_features=True).cpu()
-                          for i in range(0, len(pictures), 64)])
+        return in_chunks(lambda chunk: self.inception(pixels(chunk), return_features=True).cpu(), pictures)
 
     @torch.no_grad()
     def text_score(self, judge, pictures, prompts):

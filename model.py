@@ -115,7 +115,7 @@ class MetaMorph(nn.Module):
         """The trainable rows of stage 1 besides the adapter: <image_start>, <image_end> in the embedding table(s),
         read from the parameters or from a state dict of the whole model."""
         ids = [self.image_start_id, self.image_end_id]
-        state, name = state_dict or dict(self.named_parameters(remove_duplicate=False)), {}
+        state, name = state_dict or self.state_dict(), {}
         for n, w in self.named_parameters(remove_duplicate=False):
             name.setdefault(id(w), n)  # a tied table's first name, the one every state dict keeps
         inputs, outputs = self.llm.get_input_embeddings().weight, self.llm.get_output_embeddings().weight
@@ -130,7 +130,7 @@ class MetaMorph(nn.Module):
         os.makedirs(path, exist_ok=True)
         state = state_dict or self.state_dict()
         tensors = {k: v for k, v in state.items() if k.startswith(("adapter.", "vision_head."))}
-        tensors.update({f"delimiters.{k}": v for k, v in self.delimiter_rows(state_dict).items()})
+        tensors.update({f"delimiters.{k}": v for k, v in self.delimiter_rows(state).items()})
         save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
                   os.path.join(path, "metamorph.safetensors"))
         with open(os.path.join(path, "metamorph.json"), "w") as f:

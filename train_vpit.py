@@ -294,8 +294,7 @@ def exact_match(model, samples, cache, dev, limit=200, batch_size=32):
         prompts = [build_sample(model.tokenizer, s["conversations"][:1], len(s["images"]), model.num_visual_tokens,
                                 add_generation_prompt=True) for s in chunk]
         replies, _ = model.generate_batch([(p["input_ids"].to(dev), p["slots"].to(dev)) for p in prompts],
-                                          [(cache.get_many(s["images"]).flatten(0, 1) if s["images"] else  # text-only
-                                            torch.zeros(0, model.vision_dim)).to(dev) for s in chunk],
+                                          [cache.get_many(s["images"]).flatten(0, 1).to(dev) for s in chunk],
                                           max_new_tokens=16)
         right += sum(model.tokenizer.decode(pieces[-1], skip_special_tokens=True).strip() ==
                      s["conversations"][1]["value"].strip() for pieces, s in zip(replies, chunk))
