@@ -164,13 +164,16 @@ class MetaMorph(nn.Module):
 
     # ---- the forward pass and the dual-head loss ---------------------------------------------------------------------
     def embed(self, input_ids, slots, visual_tokens):
-        """Token embeddings, with adapter(visual token) at every image slot (slots >= 0 index visual_tokens)."""
+        """Token embeddings, with adapter(visual token) at every image slot (slots >= 0 index visual_tokens). The
+        adapter runs even when there is no image (on none): under ZeRO-3 every rank must gather and reduce its
+        weights in every step, whatever its micro-batch holds (DESIGN.md, "Scale contracts")."""
         embeds = self.llm.get_input_embeddings()(input_ids)
+        adapted = self.adapter(visual_tokens.to(embeds.dtype)).to(embeds.dtype)  # (.to: autocast makes it bf16)
         is_slot = slots >= 0
-        if is_slot.any():
-            embeds = embeds.clone()
-            # (.to: under autocast the adapter's output is bf16)
-            embeds[is_slot] = self.adapter(visual_tokens[slots[is_slot]].to(embeds.dtype)).to(embeds.dtype)
+        if not is_slot.any():
+            return embeds + adapted.sum() * 0  # (a sum over nothing: the adapter joins the graph, changes nothing)
+        embeds = embeds.clone()
+        embeds[is_slot] = adapted[slots[is_slot]]
         return embeds
 
     def hidden_states(self, input_ids, slots, visual_tokens, attention_mask=None):
@@ -213,14 +216,16 @@ class MetaMorph(nn.Module):
 
     @torch.no_grad()
     def generate_batch(self, prompts, visual_tokens, max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None,
-                       past_key_values=None):
+                       past_key_values=None, lockstep=False):
         """Continue sequences side by side in one KV cache, left-padded. prompts: (input_ids, slots) pairs of 1-D
         tensors; visual_tokens: per prompt, the (n_images * num_visual_tokens, d) tokens its slots index. Each row runs
         its own course: text mode until `<image_start>`; then num_visual_tokens steps of vision mode
         (v = normalize(vision_head(h)), next input = adapter(v)); then `<image_end>` and text again (Sec. 2), until it
         ends its turn or has sampled max_new_tokens text tokens. Returns (pieces per row, cache): pieces alternate
         lists of token ids and (num_visual_tokens, vision_dim) images. past_key_values: the cache an earlier call
-        returned for one row, to go on with that conversation (sample.py --chat)."""
+        returned for one row, to go on with that conversation (sample.py --chat). lockstep: every rank of a process
+        group runs this call on the same prompts (ZeRO-3: each forward gathers weights from all of them): rank 0's
+        tokens are every rank's, so all take the same steps in the same modes and none waits alone."""
         decoder, head, token_embedding = self.llm.get_decoder(), self.llm.get_output_embeddings(), \
             self.llm.get_input_embeddings()
         stop, n = self.stop_ids(), len(prompts)
@@ -245,6 +250,8 @@ class MetaMorph(nn.Module):
         sampled, state = [0] * n, ["text"] * n  # "text", "image" (drawing), "close" (<image_end> next) or "done"
         while True:
             tokens = sample_tokens(head(h).float(), temperature, top_p, generator) if "text" in state else None
+            if lockstep and tokens is not None:
+                tokens = broadcast_from_rank0(tokens, h.device)
             v = F.normalize(self.vision_head(h).float(), dim=-1) if "image" in state else None
             feed, drawing = [0] * n, []  # the token id each row reads next; rows drawing read adapter(v) instead
             for i in range(n):
@@ -276,6 +283,15 @@ class MetaMorph(nn.Module):
                 if drawing:
                     embeds[drawing] = self.adapter(v[drawing].to(embeds.dtype)).to(embeds.dtype)[:, None]
             h = step(embeds)
+
+
+def broadcast_from_rank0(tokens, device):
+    """Rank 0's list of token ids, on every rank."""
+    import torch.distributed as dist
+
+    shared = torch.tensor(tokens, device=device)
+    dist.broadcast(shared, 0)
+    return shared.tolist()
 
 
 def sample_tokens(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -379,5 +395,5 @@ def collate(samples, visual_tokens, pad_id):
         batch["slots"][i, :n] = torch.where(s["slots"] >= 0, s["slots"] + offset, -1)
         batch["vision_mask"][i, :n], batch["attention_mask"][i, :n] = s["vision_mask"], 1
         offset += len(v)
-    batch["visual_tokens"] = torch.cat(visual_tokens) if offset else torch.zeros(0, 1)
+    batch["visual_tokens"] = torch.cat(visual_tokens)  # (0, d) when no sample has an image
     return batch

@@ -18,9 +18,10 @@ import time
 import torch
 
 from data import stage_data
-from encode import TokenCache
+from encode import open_token_cache
 from model import MetaMorph, save_atomically, whole
-from train_vpit import built_in_shards, finish_distributed, setup_distributed, train, val_losses
+from train_vpit import built_in_shards, finish_distributed, load_dtype, partitioned, setup_distributed, train, \
+    val_losses
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -39,6 +40,8 @@ micro_batch_size = 16
 max_seq_len = 1024
 grad_clip = 1.0
 dtype = "auto"  # as in train_vpit.py
+grad_checkpointing = False  # the frozen LLM's activations still carry the adapter's gradient: at 8B, recompute them
+data_workers = 2
 log_interval = 10
 eval_interval = 100
 ckpt_interval = 100
@@ -74,24 +77,27 @@ def main():
               grad_clip=grad_clip, dtype=dtype, vision_loss_weight=1.0, vision_loss="cosine",
               deepspeed_config=adapter_deepspeed_config,
               log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
-              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=True)
+              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=True, data_workers=data_workers)
     with built_in_shards(hp, world, dev):
-        model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
+        model = MetaMorph.from_llm(llm_path, open_token_cache(tokens_dir).dim, num_visual_tokens, load_dtype(hp, dev))
     if os.path.exists(os.path.join(ckpt, "trainer.pt")):
         model.load_heads(ckpt)
     params = freeze_all_but_adapter(model)
     if not adapter_deepspeed_config:  # (DeepSpeed places the model itself)
         model.to(dev)
+    if grad_checkpointing:
+        model.llm.gradient_checkpointing_enable()
     train_set, val_sets = stage_data(data_dir, adapter_data, adapter_val, model.tokenizer, tokens_dir, max_seq_len,
-                                     num_visual_tokens)
+                                     num_visual_tokens, index_dir=os.path.join(out_dir, "data_index"))
     if rank == 0:
         print(f"stage 1: {sum(p.numel() for p in model.adapter.parameters()) / 1e6:.2f}M adapter parameters + 2 "
               f"delimiter rows, {len(train_set)} conversations, world size {world}")
     t0 = time.time()
     engine = train(model, params, train_set, val_sets, MetaMorph.save_heads, "adapter", hp, rank, world, dev)
     if engine is not None:
-        report = {"minutes": (time.time() - t0) / 60,
-                  "val": val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())}
+        report = {"minutes": (time.time() - t0) / 60}
+        if rank == 0 or partitioned(engine):  # rank 0 alone, but a ZeRO-3 forward needs every rank
+            report["val"] = val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())
         tables = [model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight]
         with whole([*model.adapter.parameters(), *model.vision_head.parameters(), *tables]):  # ZeRO-3: gathered
             if rank == 0:

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import length_grouped_batches, load_mixture, stage_data
-from encode import TokenCache
+from data import batch_loader, length_grouped_batches, read_jsonl, stage_data
+from encode import open_token_cache
 from model import MetaMorph, build_sample, save_atomically, wants_bf16
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -49,6 +49,7 @@ vision_loss = "cosine"  # Tab. 3: "cosine" (the paper's choice) or "l1" regressi
 grad_clip = 1.0
 dtype = "auto"  # "auto": bf16 autocast where the hardware has it (a CUDA GPU with bf16), else fp32; or "bfloat16"
 grad_checkpointing = False
+data_workers = 2  # DataLoader workers reading and tokenizing the next micro-batches while the model steps
 deepspeed_config = ""  # e.g. configs/zero3.json: the DeepSpeed engine does backward and step
 log_interval = 10
 eval_interval = 100
@@ -108,14 +109,15 @@ def val_losses(model, val_sets, micro_batch, dev, amp):
     model.eval()
     report = {}
     for task, data in val_sets.items():
-        text = cos = targets = 0.0
+        text = cos = targets = rows = 0.0
         for i in range(0, len(data), micro_batch):
-            batch = to_device(data.batch(range(i, min(i + micro_batch, len(data)))), dev)
+            batch = data.batch(range(i, min(i + micro_batch, len(data))))
+            kept, n = batch.pop("kept"), int(batch["vision_mask"][:, 1:].sum())
+            batch.pop("skipped")
             with amp:
-                _, t, v = model(**batch)
-            n = int(batch["vision_mask"][:, 1:].sum())
-            text, cos, targets = text + t.item() * len(batch["input_ids"]), cos + (1 - v.item()) * n, targets + n
-        report[task] = {"text_loss": text / len(data)}
+                _, t, v = model(**to_device(batch, dev))
+            text, cos, targets, rows = text + t.item() * kept, cos + (1 - v.item()) * n, targets + n, rows + kept
+        report[task] = {"text_loss": text / max(rows, 1)}
         if targets:
             report[task]["vision_cos"] = cos / targets
     model.train()
@@ -173,23 +175,28 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             _, client_state = engine.load_checkpoint(os.path.join(ckpt, "deepspeed"))
             step = client_state["step"]
     elif world > 1:
-        # find_unused_parameters: a micro-batch of text-only conversations leaves the adapter out of the step
-        engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                           find_unused_parameters=True)
+        # (every trainable module takes part in every step, text-only micro-batches too: MetaMorph.embed)
+        engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and not hp["deepspeed_config"])
     os.makedirs(os.path.join(hp["out_dir"], "logs"), exist_ok=True)
     log = open(os.path.join(hp["out_dir"], "logs", f"{name}.jsonl"), "a") if rank == 0 else None
+    # this rank's micro-batches from where the run stands (resume: mid-epoch), read and tokenized by the workers
+    mine = micro_batches[rank::world][step * accum:total_steps * accum]
+    loader = iter(batch_loader(train_set, mine, hp["data_workers"], pin_memory=dev.type == "cuda"))
     bar = tqdm(total=total_steps, initial=step, desc=name, disable=rank != 0)
     model.train()
-    t0, tokens = time.time(), 0
+    t0, tokens, skipped, skipped_all = time.time(), 0, 0, 0
     while step < total_steps and step != hp["stop_after"]:
-        text_sum = vision_sum = targets = 0.0
+        losses = torch.zeros(2, device=dev)  # text, vision: summed on the device, read once a step
+        targets = 0
         lr = scheduler.get_last_lr()[0]  # this step's (the scheduler moves on with it)
         for k in range(accum):
-            idx = micro_batches[(step * accum + k) * world + rank]
-            batch = to_device(train_set.batch(idx), dev)
-            tokens += int(batch["attention_mask"].sum()) * world
+            batch = next(loader)
+            batch.pop("kept")
+            skipped += batch.pop("skipped")
+            tokens += int(batch["attention_mask"].sum()) * world  # (counted on the host, before the copy)
             targets += int(batch["vision_mask"].sum())
+            batch = to_device(batch, dev)
             ddp = isinstance(engine, torch.nn.parallel.DistributedDataParallel)
             sync = engine.no_sync() if ddp and k < accum - 1 else contextlib.nullcontext()  # all-reduce once a step
             with sync, amp:
@@ -200,7 +207,7 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
                 engine.step()
             else:
                 (loss / accum).backward()
-            text_sum, vision_sum = text_sum + text_loss.item() / accum, vision_sum + vision_loss.item() / accum
+            losses += torch.stack([text_loss.detach(), vision_loss.detach()]).float() / accum
         if not hp["deepspeed_config"]:
             torch.nn.utils.clip_grad_norm_(params, hp["grad_clip"])
             optimizer.step()
@@ -208,21 +215,22 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update()
+        losses = torch.cat([losses, torch.tensor([targets, skipped], device=dev, dtype=torch.float)])
         if world > 1:  # log the global batch's losses, not rank 0's share
-            losses = torch.tensor([text_sum, vision_sum, targets], device=dev)
             dist.all_reduce(losses)
-            text_sum, vision_sum, targets = (losses / world).tolist()
+            losses[:2] /= world
+        text_sum, vision_sum, targets, skipped_all = losses.tolist()
         if rank == 0:
             vision = ("vision_cos", 1 - vision_sum) if hp["vision_loss"] == "cosine" else ("vision_l1", vision_sum)
             record = {"step": step, "text_loss": text_sum, vision[0]: vision[1] if targets else None,
-                      "lr": lr, "tokens_per_s": tokens / (time.time() - t0)}
+                      "lr": lr, "tokens_per_s": tokens / (time.time() - t0), "skipped": int(skipped_all)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if step % hp["log_interval"] == 0:
                 bar.set_postfix(text=f"{text_sum:.3f}", **{vision[0][7:]: f"{vision[1]:.3f}" if targets else "-"},
                                 lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
-        if step % hp["eval_interval"] == 0 and val_sets:  # every rank: under ZeRO-3 a forward needs them all
+        if step % hp["eval_interval"] == 0 and val_sets and (rank == 0 or partitioned(engine)):  # ZeRO-3: all ranks
             report = val_losses(model, val_sets, hp["micro_batch_size"], dev, amp)
             if rank == 0:
                 tqdm.write(f"step {step} val: {json.dumps(report)}")
@@ -236,6 +244,8 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             if hp["deepspeed_config"] and rank == 0:
                 keep_latest_deepspeed_checkpoint(os.path.join(ckpt, "deepspeed"))
     bar.close()
+    if rank == 0 and skipped_all:
+        print(f"{name}: skipped {int(skipped_all)} conversations longer than max_seq_len (this run's steps)")
     return engine if step == total_steps else None
 
 
@@ -275,18 +285,29 @@ def built_in_shards(hp, world, dev):
     del zero3
 
 
+def partitioned(engine):
+    """Whether the engine split the weights across the ranks (ZeRO-3): then every forward is a collective."""
+    return getattr(engine, "zero_optimization_partition_weights", lambda: False)()
+
+
+def load_dtype(hp, dev):
+    """bf16 weights where DeepSpeed trains in bf16 (it keeps the fp32 master copy of what trains): an 8B LLM loads
+    as 16 GB on each rank, not 32; fp32 otherwise (plain bf16 autocast keeps fp32 weights)."""
+    return torch.bfloat16 if hp["deepspeed_config"] and wants_bf16(hp["dtype"], dev) else torch.float32
+
+
 def whole_state_dict(engine):
     """Every rank calls it. Under ZeRO-3 the engine gathers the 16-bit weights one module at a time onto rank 0's CPU
     (no rank ever holds the whole model on its GPU); None where the modules are whole already."""
-    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+    if partitioned(engine):
         return engine._zero3_consolidated_16bit_state_dict()
     return None
 
 
 @torch.no_grad()
-def exact_match(model, samples, cache, dev, limit=200, batch_size=32):
+def exact_match(model, samples, cache, dev, lockstep=False, limit=200, batch_size=32):
     """Greedy answers to the first questions of val conversations (batch_size side by side in one KV cache, as eval.py
-    draws) against the reference answers, exact match."""
+    draws) against the reference answers, exact match. lockstep: every rank runs it (ZeRO-3, model.generate_batch)."""
     model.eval()
     samples, right = samples[:limit], 0
     for i in range(0, len(samples), batch_size):
@@ -295,7 +316,7 @@ def exact_match(model, samples, cache, dev, limit=200, batch_size=32):
                                 add_generation_prompt=True) for s in chunk]
         replies, _ = model.generate_batch([(p["input_ids"].to(dev), p["slots"].to(dev)) for p in prompts],
                                           [cache.get_many(s["images"]).flatten(0, 1).to(dev) for s in chunk],
-                                          max_new_tokens=16)
+                                          max_new_tokens=16, lockstep=lockstep)
         right += sum(model.tokenizer.decode(pieces[-1], skip_special_tokens=True).strip() ==
                      s["conversations"][1]["value"].strip() for pieces, s in zip(replies, chunk))
     return right / max(1, len(samples))
@@ -311,14 +332,15 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
               epochs=epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
               vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config,
               log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
-              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in)
+              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in, data_workers=data_workers)
     with built_in_shards(hp, world, dev):
         if os.path.exists(os.path.join(ckpt, "trainer.pt")):
-            model = MetaMorph.from_pretrained(ckpt)
+            model = MetaMorph.from_pretrained(ckpt, load_dtype(hp, dev))
         elif start:
-            model = MetaMorph.from_pretrained(start)
+            model = MetaMorph.from_pretrained(start, load_dtype(hp, dev))
         else:  # (under DeepSpeed the engine loads its own checkpoint over this)
-            model = MetaMorph.from_llm(llm_path, TokenCache(tokens_dir).dim, num_visual_tokens)
+            model = MetaMorph.from_llm(llm_path, open_token_cache(tokens_dir).dim, num_visual_tokens,
+                                       load_dtype(hp, dev))
             if vpit_init:
                 model.load_heads(os.path.join(out_dir, vpit_init), parts=("adapter", "delimiters"))
     if not deepspeed_config:  # (DeepSpeed places the model itself)
@@ -326,11 +348,11 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     if grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
     train_set, val_sets = stage_data(data_dir, mixture, vpit_val, model.tokenizer, tokens_dir, max_seq_len,
-                                     num_visual_tokens)
+                                     num_visual_tokens, index_dir=os.path.join(out_dir, "data_index"))
     params = [p for p in model.parameters() if p.requires_grad]  # everything but the vision tower (not in here)
     if rank == 0:
         print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {len(train_set)} "
-              f"conversations ({train_set.skipped} longer than max_seq_len, skipped), world size {world}")
+              f"conversations, world size {world}")
     t0 = time.time()
     engine = train(model, params, train_set, val_sets, MetaMorph.save_pretrained, name, hp, rank, world, dev)
     if engine is None:
@@ -339,11 +361,12 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     state = whole_state_dict(engine)
     if rank == 0:  # saved first: nothing in the report below can lose the trained model
         model.save_pretrained(stage_dir, state)
-    if not lead_in:
+    if not lead_in and (rank == 0 or partitioned(engine)):  # rank 0 alone, but a ZeRO-3 forward needs every rank
         results["val"] = val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())
         if "image_qa" in val_sets:  # the first questions of 200 val conversations (64 would be +-6 points)
-            results["image_qa_exact_match"] = exact_match(model, load_mixture(data_dir, "val", {"image_qa": -1}),
-                                                          TokenCache(tokens_dir), dev, limit=200)
+            results["image_qa_exact_match"] = exact_match(
+                model, read_jsonl(os.path.join(data_dir, "val", "image_qa.jsonl"), limit=200),
+                open_token_cache(tokens_dir), dev, lockstep=partitioned(engine))
     if rank == 0:
         json.dump(results, open(os.path.join(out_dir, "logs", f"{name}_report.json"), "w"), indent=1)
         print(json.dumps(results, indent=1))

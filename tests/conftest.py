@@ -24,10 +24,12 @@ MICRO_MODELS = ["--siglip_width=32", "--siglip_layers=1", "--siglip_steps=3", "-
                 "--llm_batch=4", "--vae_channels=[8, 8]", "--vae_steps=3", "--vae_batch=4"]
 
 
-def run(script, *args, env=None, check=True):
-    """Run a project script (or torchrun ...) from the repo root; return the CompletedProcess."""
+def run(script, *args, env=None, check=True, timeout=None):
+    """Run a project script (or torchrun ...) from the repo root; return the CompletedProcess. timeout: seconds, for
+    runs that could hang (a collective one rank never joins)."""
     cmd = [sys.executable, script, *args] if script.endswith(".py") else [script, *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                         timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out

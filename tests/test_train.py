@@ -127,6 +127,46 @@ def test_two_process_ddp_matches_one_process(micro, tmp_path):
             x["vision_cos"] == pytest.approx(y["vision_cos"], rel=1e-4, abs=1e-5)
 
 
+def seed_pairing_text_only_with_images(micro, data_dir, mixture, micro_batch=4):
+    """A seed whose length-grouped batches give, in some step of 2 ranks, one rank only text-only conversations
+    and the other images (the case where a rank's adapter would sit out a ZeRO-3 collective)."""
+    from data import length_grouped_batches, stage_data
+    tokenizer = MetaMorph.from_llm(os.path.join(micro["base"], "llm"), 8).tokenizer
+    train_set, _ = stage_data(data_dir, mixture, 1, tokenizer, os.path.join(micro["out_dir"], "tokens"), 1024)
+    has_image = [bool(train_set.sample(i)["images"]) for i in range(len(train_set))]
+    for seed in range(1337, 1400):
+        batches = length_grouped_batches(train_set.lengths(), micro_batch, seed)
+        images = [any(has_image[i] for i in b) for b in batches]
+        if any(images[2 * s] != images[2 * s + 1] for s in range(len(batches) // 2)):
+            return seed
+    raise AssertionError("no seed pairs a text-only micro-batch with one with images")
+
+
+def test_zero3_two_processes_with_a_text_only_micro_batch_finish_and_match_one_process(micro, tmp_path):
+    """ZeRO-3 gathers the adapter's weights and reduces its gradients on every rank in every step: a rank whose
+    micro-batch holds no image must still take part, or the other rank waits for ever. Also the closing exact match
+    runs in lock-step on both ranks. fp32, so that the engine's step matches the plain loop's."""
+    pytest.importorskip("deepspeed")
+    one, two = fresh_out(micro, tmp_path, "one"), fresh_out(micro, tmp_path, "two")
+    data = with_text_only_task(micro, tmp_path)
+    mixture = {"image_qa": 8, "text": 8}
+    seed = seed_pairing_text_only_with_images(micro, data, mixture)
+    common = [*STAGE2, "--vpit_init=", "--device=cpu", f"--data_dir={data}", f"--vpit_data={mixture}",
+              f"--seed={seed}", "--dtype=float32"]
+    run("train_vpit.py", *stage_args(micro, one), *common)
+    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_vpit.py",
+        *stage_args(micro, two), *common, "--deepspeed_config=configs/zero3.json", env={"OMP_NUM_THREADS": "1"},
+        timeout=600)
+    a, b = curve(one), curve(two)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert x["text_loss"] == pytest.approx(y["text_loss"], rel=1e-3)
+        assert (x["vision_cos"] is None and y["vision_cos"] is None) or \
+            x["vision_cos"] == pytest.approx(y["vision_cos"], rel=1e-3, abs=1e-4)
+    report = json.load(open(os.path.join(two, "logs", "vpit_report.json")))
+    assert 0 <= report["image_qa_exact_match"] <= 1
+
+
 def test_deepspeed_zero3_two_processes_trains_and_saves_hf_format(micro, tmp_path):
     pytest.importorskip("deepspeed")
     out = fresh_out(micro, tmp_path, "zero3")
