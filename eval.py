@@ -12,7 +12,8 @@ standard FID when `inception_path` names a local TorchScript Inception); a CLIP-
 stand-in (the real CLIP score when `clip_path` names a local CLIP); cosine of predicted to true tokens, drawn freely
 and, for the text-to-image sets, teacher-forced with the sample's own request and with another sample's (whether the
 drawing reads the words at all). The ceiling: the same metrics on pictures decoded from the TRUE tokens, so a reader
-sees what the LLM loses and what the decoder loses.
+sees what the LLM loses and what the decoder loses. A set whose val file data_dir lacks is left out with a note (the
+defaults name the toy world's sets); a metric with too few pictures drawn to compute it is n/a, not a number.
 """
 import json
 import os
@@ -38,11 +39,13 @@ out_dir = "out/tiny"  # reads out_dir/vpit, out_dir/decoder and out_dir/tokens; 
 siglip_path = "out/tiny/base/siglip"
 vae_path = "out/tiny/base/vae"
 num_visual_tokens = 64
-eval_understanding = {"image_qa": 200, "video_qa": 100, "visual_thinking": 64}  # val samples per task
+# val samples per task; the toy world's sets: a set whose val file data_dir lacks is left out, with a note
+eval_understanding = {"image_qa": 200, "video_qa": 100, "visual_thinking": 64}
 eval_generation = {"generation": 48, "generation_heldout": 48, "generation_riddle": 48, "image_edit": 32,
                    "video_prediction": 8}  # val samples per set (a video_prediction sample asks for 1-5 pictures)
 eval_batch_size = 32
-eval_max_new_tokens = 24
+eval_max_new_tokens = 96  # text tokens of a reply: an answer, or the words around the pictures it draws (a
+# picture's 64 vision steps are not text tokens); room for a sentence or two before a picture
 decoder_sample_steps = 25
 decoder_guidance = 1.5
 seed = 0
@@ -56,6 +59,7 @@ eval_ceiling = True  # also score pictures decoded from the TRUE tokens (the dec
 device = "auto"
 # ---------------------------------------------------------------------------------------------------------------------
 GENERATION_SETS = ("generation", "generation_heldout", "generation_riddle")
+SCENE_SCORES = ("position", "shape", "colour", "size", "shape_colour", "object", "count", "scene")  # compare_scenes'
 OPTION_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA / Cambrian eval prompt
 
 
@@ -105,6 +109,34 @@ def mean_of(dicts):
     return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]} if dicts else {}
 
 
+# ---- what the data holds ---------------------------------------------------------------------------------------------
+def val_file(task):
+    return os.path.join(data_dir, "val", f"{task}.jsonl")
+
+
+def sets_in_data():
+    """(understanding sets, generation sets, notes): the sets of eval_understanding and eval_generation whose val file
+    data_dir has. The defaults name the toy world's sets and a user's own data holds some of them, so each set it
+    lacks is left out with a one-line note, not an error; nothing left to evaluate at all is one."""
+    present = lambda sets: {task: n for task, n in sets.items() if os.path.exists(val_file(task))}
+    understand, draw = present(eval_understanding), present(eval_generation)
+    notes = [f"left out {task} ({knob}): no {val_file(task)}" for knob, sets, kept in
+             (("eval_understanding", eval_understanding, understand), ("eval_generation", eval_generation, draw))
+             for task in sets if task not in kept]
+    if not (understand or draw or benchmark_file):
+        raise FileNotFoundError(f"nothing to evaluate: none of the sets of eval_understanding and eval_generation has "
+                                f"a val file in {os.path.join(data_dir, 'val')}, and no benchmark_file is given")
+    for note in notes:
+        print(note)
+    return understand, draw, notes
+
+
+def names_toy_scenes(samples):
+    """Whether every sample names the toy world's scenes of its pictures (meta.scenes): only there can the toy world's
+    scene reader score a picture (another dataset's pictures it would misread). eval.py and train_decoder.py ask."""
+    return bool(samples) and all("scenes" in s.get("meta", {}) for s in samples)
+
+
 # ---- understanding ---------------------------------------------------------------------------------------------------
 def questions(task, samples):
     """Every assistant text turn as a question: (conversation up to it, its images, answer, question type). Earlier
@@ -120,9 +152,10 @@ def questions(task, samples):
     return out
 
 
-def replies(model, cache, items, dev, max_new_tokens):
+def replies(model, cache, items, dev):
     """Greedy replies to (conversation, image paths) items, eval_batch_size at a time side by side in one KV cache
-    (model.generate_batch): per item, its pieces (text ids, image tokens, text ids, ...)."""
+    (model.generate_batch), eval_max_new_tokens text tokens at most: per item, its pieces (text ids, image tokens, text
+    ids, ...)."""
     out = []
     for i in tqdm(range(0, len(items), eval_batch_size), desc="generate", leave=False):
         batch = items[i:i + eval_batch_size]
@@ -130,7 +163,7 @@ def replies(model, cache, items, dev, max_new_tokens):
                    for conv, paths in batch]
         visual = [(cache(paths) if paths else torch.zeros(0, model.vision_dim)).to(dev) for _, paths in batch]
         out += model.generate_batch([(p["input_ids"].to(dev), p["slots"].to(dev)) for p in prompts], visual,
-                                    max_new_tokens)[0]
+                                    eval_max_new_tokens)[0]
     return out
 
 
@@ -138,7 +171,7 @@ def answer_all(model, cache, items, dev, options=None):
     """items: (conversation, image paths, answer, type) -> list of (prediction, correct). The prediction is the text
     after the reply's last image: the whole reply to a question, the final answer of a visual-thinking reply."""
     results = []
-    pieces = replies(model, cache, [(conv, paths) for conv, paths, _, _ in items], dev, eval_max_new_tokens)
+    pieces = replies(model, cache, [(conv, paths) for conv, paths, _, _ in items], dev)
     for k, (reply, (_, _, answer, _)) in enumerate(zip(pieces, items)):
         prediction = model.tokenizer.decode(reply[-1], skip_special_tokens=True).strip()
         results.append((prediction, is_correct(prediction, answer, (options or {}).get(k, ()))))
@@ -153,11 +186,11 @@ def accuracy_by(kinds, scored):
     return float(np.mean([right for _, right in scored])), {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}
 
 
-def understanding(model, cache, dev):
-    """Per task: accuracy over all questions and per question type."""
+def understanding(model, cache, dev, sets):
+    """Per task of sets (task -> samples): accuracy over all questions and per question type."""
     report = {}
-    for task, n in eval_understanding.items():
-        samples = read_jsonl(os.path.join(data_dir, "val", f"{task}.jsonl"))[:n]
+    for task, n in sets.items():
+        samples = read_jsonl(val_file(task))[:n]
         items = questions(task, samples)
         accuracy, by_type = accuracy_by([qtype for *_, qtype in items], answer_all(model, cache, items, dev))
         report[task] = {"accuracy": accuracy, "questions": len(items), "by_type": by_type}
@@ -216,7 +249,7 @@ def predicted_tokens(model, cache, samples, dev):
     model drew fewer images than asked for), from its greedy reply to the first turn."""
     wanted = [output_images(s) for s in samples]
     first = [(s["conversations"][:1], s["images"][:s["conversations"][0]["value"].count(IMAGE)]) for s in samples]
-    drawn = replies(model, cache, first, dev, max_new_tokens=16 + 4 * max(map(len, wanted)))
+    drawn = replies(model, cache, first, dev)
     out = []
     for s, indices, pieces in zip(samples, wanted, drawn):
         true = cache([s["images"][i] for i in indices]).view(len(indices), num_visual_tokens, -1)
@@ -246,7 +279,10 @@ def teacher_forced_cosine(model, cache, samples, dev):
 
 
 def scene_accuracy(pictures, targets):
-    """Mean attribute scores over target objects and picture scores over pictures (toyworld.compare_scenes)."""
+    """Mean attribute scores over target objects and picture scores over pictures (toyworld.compare_scenes); without
+    pictures every score is None (n/a)."""
+    if not pictures:
+        return dict.fromkeys(SCENE_SCORES)
     objects, whole = [], []
     for picture, target in zip(pictures, targets):
         per_object, per_picture = toyworld.compare_scenes(target, toyworld.read_scene(picture))
@@ -304,39 +340,48 @@ class Judges:
             scores.append(100 * F.cosine_similarity(out.image_embeds, out.text_embeds).clamp(min=0).cpu())
         return float(torch.cat(scores).mean())
 
-    def metrics(self, pictures, real, prompts):
-        out = {"fd_siglip": frechet_distance(self.pooled(pictures), self.pooled(real)),
-               "siglip_score": self.text_score(self.siglip, pictures, prompts)}
+    def metrics(self, pictures, real, texts):
+        """Frechet distances of the pictures to the real ones, text-image scores against their texts; None (n/a) where
+        there are too few pictures: a score needs one, a Frechet distance two (a covariance)."""
+        distance = lambda features: frechet_distance(features(pictures), features(real)) if len(pictures) > 1 else None
+        score = lambda judge: self.text_score(judge, pictures, texts) if pictures else None
+        out = {"fd_siglip": distance(self.pooled), "siglip_score": score(self.siglip)}
         if self.inception is not None:
-            out["fid"] = frechet_distance(self.inception_features(pictures), self.inception_features(real))
+            out["fid"] = distance(self.inception_features)
         if self.clip is not None:
-            out["clip_score"] = self.text_score(self.clip, pictures, prompts)
+            out["clip_score"] = score(self.clip)
         return out
 
 
-def generation(model, visualizer, cache, judges, dev):
-    """Per set: how many pictures the model drew, token cosine, scene accuracy of its pictures and of pictures decoded
-    from the true tokens (the ceiling), and for the prompt sets the feature metrics. Returns (report, grid rows)."""
+def picture_metrics(judges, pictures, which, targets, real, texts):
+    """The metrics of pictures, picture j made for item which[j]: scene accuracy against the items' target scenes
+    (where the data names them), and where real pictures are given (the prompt sets) the feature metrics against all
+    of them. Only the pictures given count: a metric with too few is None (n/a), never a score of placeholders."""
+    out = scene_accuracy(pictures, [targets[k] for k in which]) if targets else {}
+    if real:
+        out.update(judges.metrics(pictures, real, [texts[k] for k in which]))
+    return out
+
+
+def generation(model, visualizer, cache, judges, dev, sets):
+    """Per set of sets (set -> samples): the share of pictures the model drew, and of those its token cosine and the
+    scene accuracy, and the same of pictures decoded from the true tokens (the ceiling); for the prompt sets the
+    feature metrics too. Returns (report, grid rows)."""
     report, grid = {}, []
     decode = lambda tokens: decode_tokens(visualizer, torch.stack(tokens), decoder_sample_steps, decoder_guidance,
                                           seed) if tokens else []
-    for task, n in eval_generation.items():
-        samples = read_jsonl(os.path.join(data_dir, "val", f"{task}.jsonl"))[:n]
+    for task, n in sets.items():
+        samples = read_jsonl(val_file(task))[:n]
         items = predicted_tokens(model, cache, samples, dev)
+        drawn = [k for k, (*_, p) in enumerate(items) if p is not None]  # the items the model drew a picture for
+        pictures = decode([items[k][3] for k in drawn])  # no placeholder for a picture not drawn: it is not scored
         ceiling = decode([true for _, _, true, _ in items]) if eval_ceiling else []
-        drawn = iter(decode([p for *_, p in items if p is not None]))
-        side = visualizer.decoder.resolution
-        blank = Image.new("RGB", (side, side), toyworld.BACKGROUND)  # a picture the model did not draw
-        pictures = [next(drawn) if p is not None else blank for *_, p in items]
         # the scene each picture should show, where the data says it (the toy world; real pictures get the rest)
-        targets = [s["meta"]["scenes"][i] for s, i, _, _ in items] if all(
-            "scenes" in s.get("meta", {}) for s in samples) else None
-        score = lambda drawn: scene_accuracy(drawn, targets) if targets else {}
-        cosine = [float(F.cosine_similarity(p.float(), t.float()).mean()) for _, _, t, p in items if p is not None]
-        report[task] = {"pictures": len(items), "drawn": float(np.mean([p is not None for *_, p in items])),
-                        "token_cosine": float(np.mean(cosine)) if cosine else 0.0, "model": score(pictures)}
-        if eval_ceiling:
-            report[task]["true_tokens"] = score(ceiling)
+        targets = [s["meta"]["scenes"][i] for s, i, _, _ in items] if names_toy_scenes(samples) else None
+        cosine = [float(F.cosine_similarity(items[k][3].float(), items[k][2].float()).mean()) for k in drawn]
+        report[task] = {"pictures": len(items), "drawn": len(drawn) / len(items),
+                        "token_cosine": float(np.mean(cosine)) if cosine else None}
+        real = texts = None
         if task in GENERATION_SETS:  # a text request, no input image: another sample's request fits
             report[task]["teacher_forced_cosine"] = teacher_forced_cosine(model, cache, samples, dev)
             real = [load_image(os.path.join(image_root or data_dir, s["images"][i])) for s, i, _, _ in items]
@@ -344,11 +389,15 @@ def generation(model, visualizer, cache, judges, dev):
             # the text-image score compares a picture with words that describe it; a riddle's words do not (the
             # stand-in's text tower cannot solve it), so riddles are scored against the scene they mean, in plain words
             texts = [toyworld.describe(t) for t in targets] if task == "generation_riddle" else prompts
-            report[task]["model"].update(judges.metrics(pictures, real, texts))
-            if eval_ceiling:
-                report[task]["true_tokens"].update(judges.metrics(ceiling, real, texts))
-            none = [Image.new("RGB", (side, side), "white")] * len(pictures)  # eval_ceiling=False: an empty column
-            grid += list(zip(prompts, real, ceiling or none, pictures))[:grid_rows // len(GENERATION_SETS)]
+            side, drawn_for = visualizer.decoder.resolution, dict(zip(drawn, pictures))
+            blank = Image.new("RGB", (side, side), toyworld.BACKGROUND)  # in the grid, a picture the model did not draw
+            white = Image.new("RGB", (side, side), "white")  # eval_ceiling=False: an empty column
+            rows = [(prompts[k], real[k], ceiling[k] if ceiling else white, drawn_for.get(k, blank))
+                    for k in range(len(items))]
+            grid += rows[:grid_rows // sum(t in GENERATION_SETS for t in sets)]
+        report[task]["model"] = picture_metrics(judges, pictures, drawn, targets, real, texts)
+        if eval_ceiling:
+            report[task]["true_tokens"] = picture_metrics(judges, ceiling, range(len(items)), targets, real, texts)
     return report, grid
 
 
@@ -368,39 +417,57 @@ def save_grid(rows, path, scale=2):
     grid.save(path)
 
 
+def cell(metrics, key, show, count):
+    """A report cell: show(value); "-" where the metric does not apply (no scenes: real data); n/a where too few
+    pictures were there to compute it (None in results.json)."""
+    if key not in metrics:
+        return "-"
+    return f"n/a ({count})" if metrics[key] is None else show(metrics[key])
+
+
 def markdown(results):
     lines = ["# Evaluation", "", f"Run: `{out_dir}`. Understanding: greedy answers on val; generation: decoder "
-             f"with {decoder_sample_steps} DDIM steps, guidance {decoder_guidance}.", "", "## Understanding", "",
-             "| task | questions | accuracy | by question type |", "| --- | --- | --- | --- |"]
+             f"with {decoder_sample_steps} DDIM steps, guidance {decoder_guidance}."]
+    lines += [""] + [f"- {note}" for note in results["left_out"]] if results["left_out"] else []
+    if results["understanding"]:
+        lines += ["", "## Understanding", "", "| task | questions | accuracy | by question type |",
+                  "| --- | --- | --- | --- |"]
     for task, r in results["understanding"].items():
         types = ", ".join(f"{t} {100 * v:.0f}%" for t, v in r["by_type"].items())
         lines.append(f"| {task} | {r['questions']} | {100 * r['accuracy']:.1f}% | {types} |")
     if "benchmark" in results:
         b = results["benchmark"]
         lines += ["", f"Benchmark file `{b['file']}`: {100 * b['accuracy']:.1f}% of {b['questions']} questions."]
+    if not results["generation"]:
+        return "\n".join(lines + [""])
     keys = ["position", "shape", "colour", "size", "object", "count", "scene"]
     lines += ["", "## Generation (scene accuracy read back from the pixels)", "",
               "Per object at its grid cell: position (something there), shape, colour, size, object (all three); per "
               "picture: count, scene (everything right, nothing extra). `true tokens` = the decoder's ceiling. Token "
               "cos: drawn freely; teacher-forced (every slot reads the true token before it) with the sample's own "
-              "request / another sample's: no gap means the drawing does not depend on the words.", "",
+              "request / another sample's: no gap means the drawing does not depend on the words. The model's "
+              "metrics are over the pictures it drew (`drawn`: their share); n/a: too few pictures (FD needs two).", "",
               "| set | source | drawn | token cos | teacher-forced own / other | " + " | ".join(keys) +
               " | FD-SigLIP | SigLIP score |",
               "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+    percent, three, one = (lambda v: f"{100 * v:.1f}"), "{:.3f}".format, "{:.1f}".format
     for task, r in results["generation"].items():
         for source in [k for k in ("model", "true_tokens") if k in r]:
             m = r[source]
-            cells = " | ".join(f"{100 * m[k]:.1f}" if k in m else "-" for k in keys)  # (no scenes: real data)
-            extra = f"{m['fd_siglip']:.3f} | {m['siglip_score']:.1f}" if "fd_siglip" in m else "- | -"
+            count = f"{round(r['drawn'] * r['pictures'])} drawn" if source == "model" else f"{r['pictures']} pictures"
+            cells = " | ".join(cell(m, k, percent, count) for k in keys)
+            extra = f"{cell(m, 'fd_siglip', three, count)} | {cell(m, 'siglip_score', one, count)}"
             forced = r.get("teacher_forced_cosine")
             forced = f"{forced['own']:.3f} / {forced['other']:.3f}" if forced and source == "model" else "-"
-            drawn = f"{100 * r['drawn']:.0f}% | {r['token_cosine']:.3f}" if source == "model" else "- | 1.000"
+            drawn = f"{100 * r['drawn']:.0f}% | {cell(r, 'token_cosine', three, count)}" if source == "model" else \
+                "- | 1.000"
             lines.append(f"| {task} | {source.replace('_', ' ')} | {drawn} | {forced} | {cells} | {extra} |")
     lines += ["", "![prompts, real, decoded from true tokens, generated](grid.png)", ""]
     return "\n".join(lines)
 
 
 def main():
+    understand, draw, left_out = sets_in_data()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     torch.manual_seed(seed)
     path = os.path.join(out_dir, "vpit")
@@ -411,11 +478,13 @@ def main():
     cache = lambda paths: tokens.get_many(paths).flatten(0, 1).float()
     tower, processor = load_vision_tower(siglip_path)
     tower.to(dev)
-    results = {"understanding": understanding(model, cache, dev)}
+    results = {"left_out": left_out, "understanding": understanding(model, cache, dev, understand)}
     if benchmark_file:
         results["benchmark"] = run_benchmark_file(model, tower, processor, dev)
-    visualizer = load_visualizer(os.path.join(out_dir, "decoder"), vae_path, dev)
-    results["generation"], grid = generation(model, visualizer, cache, Judges(tower, processor, dev), dev)
+    results["generation"], grid = {}, []
+    if draw:
+        visualizer = load_visualizer(os.path.join(out_dir, "decoder"), vae_path, dev)
+        results["generation"], grid = generation(model, visualizer, cache, Judges(tower, processor, dev), dev, draw)
     eval_dir = os.path.join(out_dir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     json.dump(results, open(os.path.join(eval_dir, "results.json"), "w"), indent=1)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from data import load_mixture
 from encode import TokenCache, load_image, open_index, write_shard
+from eval import names_toy_scenes
 from model import save_atomically, wants_bf16
 from toyworld import compare_scenes, read_scene
 from train_vpit import save_checkpoint, setup_distributed
@@ -75,7 +76,8 @@ decoder_sample_steps = 25  # DDIM steps when decoding
 decoder_guidance = 1.5  # classifier-free guidance scale when decoding (toy, measured: 1.5 > 1.0, 2.0 > 3.0 > 5.0)
 decoder_grid_images = 16  # val images in each grid of originals beside their decodings
 decoder_grid_interval = 200  # steps between grids in out_dir/logs/decoder_grids/
-decoder_score_scenes = True  # toy world: score decodings of the val images with toyworld.read_scene
+decoder_score_scenes = None  # score decodings of the val images with the toy world's read_scene; None: where the
+# val data names toy scenes (the toy world: other pictures it would misread)
 encode_batch_size = 64  # images per VAE batch when caching latents
 encode_shard_size = 4096  # latents per safetensors shard
 grad_clip = 1.0
@@ -107,9 +109,9 @@ def new_decoder(token_dim, latent_channels=4):
 
 
 # ---- data: image lists, latent cache ---------------------------------------------------------------------------------
-def images_of(split, mixture):
-    """The images of a split's conversation files (first n samples per file as in the mixture), deduplicated."""
-    return list(dict.fromkeys(p for s in load_mixture(data_dir, split, mixture) for p in s.get("images", [])))
+def images_of(samples):
+    """The images of samples, deduplicated."""
+    return list(dict.fromkeys(p for s in samples for p in s.get("images", [])))
 
 
 def square(image, resolution):
@@ -325,7 +327,8 @@ def main():
         return print(f"{stage_dir} already holds the finished decoder: delete it to train again")
     t0 = time.time()
     tokens = TokenCache(os.path.join(out_dir, "tokens"))
-    paths, val_paths = images_of("train", decoder_data), images_of("val", decoder_val)
+    val_samples = load_mixture(data_dir, "val", decoder_val)
+    paths, val_paths = images_of(load_mixture(data_dir, "train", decoder_data)), images_of(val_samples)
     missing = [p for p in paths + val_paths if p not in tokens]
     if missing:
         raise KeyError(f"{len(missing)} images, e.g. {missing[0]}, are not in the token cache {tokens.tokens_dir}: "
@@ -361,8 +364,9 @@ def main():
         report = {"minutes": (time.time() - t0) / 60, "train_minutes": train_minutes, "train_images": len(paths),
                   "val_images": len(val_paths), "sample_steps": decoder_sample_steps, "guidance": decoder_guidance,
                   "grid": os.path.join(stage_dir, "grid.png")}
-        if decoder_score_scenes:
-            report["scene_agreement"] = scene_agreement(originals, decodings)
+        scored = names_toy_scenes(val_samples) if decoder_score_scenes is None else decoder_score_scenes
+        report["scene_agreement"] = scene_agreement(originals, decodings) if scored else \
+            "not scored: the toy world's scene reader reads only data that names toy scenes (decoder_score_scenes)"
         json.dump(report, open(os.path.join(out_dir, "logs", "decoder_report.json"), "w"), indent=1)
         print(json.dumps(report, indent=1))
         shutil.rmtree(ckpt, ignore_errors=True)

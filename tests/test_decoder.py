@@ -1,5 +1,5 @@
 """train_decoder.py: the App. A.2 schedule, the projector, condition dropout, resume, one step of an SD-1.5-shaped
-UNet, the shared sampler, and the scene-agreement score, at micro size."""
+UNet, the shared sampler, and the scene-agreement score (only on data that names toy scenes), at micro size."""
 import json
 import math
 import os
@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import toyworld
 from conftest import run
+from data import read_jsonl
 from visualizer import Decoder, decode_tokens, load_visualizer
 from train_decoder import decoder_lr, lr_factor, scene_agreement, training_noise, training_target
 
@@ -181,3 +182,20 @@ def test_scene_agreement_at_position_and_anywhere():
     assert scene_agreement(original, [toyworld.render(moved)])["shape_colour_at_position"] == 0
     assert scene_agreement(original, [toyworld.render(moved)])["shape_colour_anywhere"] == 1
     assert scene_agreement(original, [toyworld.render([])])["shape_colour_anywhere"] == 0
+
+
+def test_no_scene_score_on_data_without_toy_scenes(micro, tmp_path):
+    """A user's own pictures (no toy-world scenes named in the data): the toy world's scene reader does not score
+    them, and the report says so (decoder_score_scenes None follows the data)."""
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        (data / split).mkdir(parents=True)
+        for task in ("caption", "generation", "image_qa"):
+            rows = [{k: v for k, v in s.items() if k != "meta"}
+                    for s in read_jsonl(os.path.join(micro["data_dir"], split, f"{task}.jsonl"))]
+            (data / split / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.symlink(os.path.join(micro["data_dir"], "images"), data / "images")
+    out = fresh_out(micro, tmp_path, "own")
+    printed = train(micro, out, f"--data_dir={data}", "--decoder_warmup_steps=0", "--decoder_decay_steps=1").stdout
+    report = json.load(open(os.path.join(out, "logs", "decoder_report.json")))
+    assert report["scene_agreement"].startswith("not scored") and "shape_colour" not in printed

@@ -1,5 +1,6 @@
 """eval.py: Frechet distance against the closed form, answer scoring edge cases, scene scoring on hand-made scenes,
-batched generation against one at a time, and the benchmark-file runner."""
+batched generation against one at a time, the benchmark-file runner, the sets a dataset lacks, and metrics of too few
+pictures (n/a)."""
 import json
 import os
 import shutil
@@ -79,6 +80,48 @@ def test_scene_scoring_on_hand_made_scenes():
     s = ev.scene_accuracy([extra], [target])
     assert (s["object"], s["count"], s["scene"]) == (1, 0, 0)
     assert ev.scene_accuracy([right, moved], [target, target])["scene"] == 0.5
+
+
+def test_metrics_of_too_few_pictures_are_na_not_numbers():
+    """None drawn: every metric of the model's pictures is None in the results and "n/a (0 drawn)" in the report (they
+    were scores of blank placeholders); one drawn: its scores, but no Frechet distance (a covariance needs two)."""
+    judges = ev.Judges.__new__(ev.Judges)  # stand-ins for the feature spaces: no model is loaded
+    judges.siglip, judges.inception, judges.clip = "siglip", None, None
+    judges.pooled = lambda pictures: torch.randn(len(pictures), 3, generator=torch.Generator().manual_seed(7))
+    judges.text_score = lambda judge, pictures, texts: 25.0
+    scenes = [[{"shape": "circle", "colour": "red", "size": "large", "x": 11, "y": 11}]] * 3
+    real, texts = [toyworld.render(scene) for scene in scenes], ["Draw a red circle at the top left."] * 3
+    every = ev.picture_metrics(judges, real, range(3), scenes, real, texts)
+    none = ev.picture_metrics(judges, [], [], scenes, real, texts)
+    one = ev.picture_metrics(judges, real[:1], [2], scenes, real, texts)
+    assert isinstance(every["fd_siglip"], float) and every["scene"] == 1
+    assert none == dict.fromkeys(every)  # the same metrics, each n/a
+    assert one["fd_siglip"] is None and (one["siglip_score"], one["scene"]) == (25, 1)
+    results = {"left_out": [], "understanding": {}, "generation": {
+        "generation": {"pictures": 3, "drawn": 0.0, "token_cosine": None, "model": none, "true_tokens": every},
+        "generation_heldout": {"pictures": 3, "drawn": 1 / 3, "token_cosine": 0.5, "model": one, "true_tokens": every}}}
+    report = ev.markdown(results)
+    row = lambda start: next(line for line in report.splitlines() if line.startswith(start))
+    assert row("| generation | model | 0% |").count("n/a (0 drawn)") == 1 + 7 + 2  # token cos, scenes, FD, score
+    assert row("| generation_heldout | model | 33% |").count("n/a") == 1 and "| n/a (1 drawn) | 25.0 |" in report
+    assert "n/a" not in row("| generation | true tokens |") and "## Understanding" not in report
+
+
+def test_sets_without_a_val_file_are_left_out_with_a_note(tmp_path, monkeypatch, capsys):
+    """The default sets are the toy world's: data that has some of them is evaluated on those, with a note for each
+    set it lacks; data that has none of them (and no benchmark file) is an error."""
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "image_qa.jsonl").write_text("")
+    monkeypatch.setattr(ev, "data_dir", str(tmp_path))
+    understand, draw, notes = ev.sets_in_data()
+    assert (understand, draw) == ({"image_qa": ev.eval_understanding["image_qa"]}, {})
+    assert [note.split()[2] for note in notes] == ["video_qa", "visual_thinking", *ev.eval_generation]
+    assert capsys.readouterr().out.splitlines() == notes
+    (tmp_path / "val" / "image_qa.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="nothing to evaluate"):
+        ev.sets_in_data()
+    monkeypatch.setattr(ev, "benchmark_file", "bench.jsonl")
+    assert ev.sets_in_data()[:2] == ({}, {})
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +293,10 @@ def test_eval_command_on_a_micro_run(micro, micro_run):
 
 
 def test_eval_command_on_real_layout_data(micro, micro_run, tmp_path):
-    """Data as prepare.py writes it: no toy-world meta (no scene reader, no question types), pictures under an
-    image_root of their own. eval.py scores what it can (answers, token cosine, FD, SigLIP score) and marks the rest."""
+    """Data as prepare.py writes it, or a user's own: two of the toy's sets, no toy-world meta (no scene reader, no
+    question types), pictures under an image_root of their own. eval.py with the default sets leaves out (and notes)
+    the sets the data lacks and scores what it can; a model that draws nothing (no text tokens to open a picture
+    with) has n/a for every metric of its pictures, not scores of placeholders, while its true tokens are scored."""
     data, pictures = tmp_path / "data", tmp_path / "pictures"
     pictures.mkdir()
     os.symlink(os.path.join(micro["data_dir"], "images"), pictures / "images")
@@ -262,10 +307,19 @@ def test_eval_command_on_real_layout_data(micro, micro_run, tmp_path):
         (data / "val" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     shutil.copytree(micro_run["out"], out, symlinks=True, ignore=shutil.ignore_patterns("eval"))
-    run("eval.py", *micro_run["args"], f"--out_dir={out}", f"--data_dir={data}", f"--image_root={pictures}",
-        "--eval_understanding={'image_qa': 4}", "--eval_generation={'generation': 4}", "--eval_max_new_tokens=4")
+    printed = run("eval.py", *micro_run["args"], f"--out_dir={out}", f"--data_dir={data}", f"--image_root={pictures}",
+                  "--eval_max_new_tokens=0").stdout
     results = json.load(open(out / "eval" / "results.json"))
+    left_out = ["video_qa", "visual_thinking", "generation_heldout", "generation_riddle", "image_edit",
+                "video_prediction"]
+    assert [note.split()[2] for note in results["left_out"]] == left_out
+    assert all(note in printed for note in results["left_out"])
+    assert set(results["understanding"]) == {"image_qa"} and set(results["generation"]) == {"generation"}
     assert set(results["understanding"]["image_qa"]["by_type"]) == {"image_qa"}
     generation = results["generation"]["generation"]
-    assert "scene" not in generation["model"] and {"fd_siglip", "siglip_score"} <= set(generation["model"])
-    assert "| generation | model | " in open(out / "eval" / "report.md").read()
+    assert (generation["pictures"], generation["drawn"], generation["token_cosine"]) == (4, 0, None)
+    assert generation["model"] == {"fd_siglip": None, "siglip_score": None}  # no scene scores: no toy scenes
+    assert all(isinstance(generation["true_tokens"][k], float) for k in ("fd_siglip", "siglip_score"))
+    report = open(out / "eval" / "report.md").read()
+    assert "| generation | model | 0% | n/a (0 drawn) | " in report and "| n/a (0 drawn) | n/a (0 drawn) |" in report
+    assert "left out video_qa (eval_understanding)" in report and "nan" not in report
