@@ -98,7 +98,8 @@ def row(name, mixture, results):
 
 def table(title, rows):
     keys = list(rows[0])
-    fmt = lambda k, v: v if isinstance(v, str) else f"{v:.3f}" if "FD" in k or "cos" in k else f"{100 * v:.1f}"
+    fmt = lambda k, v: v if isinstance(v, str) else "n/a" if v is None else f"{v:.3f}" if "FD" in k or "cos" in k \
+        else f"{100 * v:.1f}"  # (None: a metric over no drawn picture)
     return "\n".join([f"## {title}", "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)] +
                      ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]) + "\n"
 
@@ -120,7 +121,8 @@ def bar_chart(title, rows, series, path, width=900, height=360):
         x0 = left + i * slot + slot * 0.1
         for j, key in enumerate(series):
             x = x0 + j * bar
-            draw.rectangle([x, bottom - (bottom - top) * r[key], x + bar - 2, bottom], fill=colours[j % len(colours)])
+            height_of = bottom - (bottom - top) * (r[key] or 0)  # (None, nothing drawn: no bar)
+            draw.rectangle([x, height_of, x + bar - 2, bottom], fill=colours[j % len(colours)])
         draw.text((x0, bottom + 6 + 12 * (i % 2)), r["run"][:24], fill="black")
     for j, key in enumerate(series):
         draw.rectangle([left + j * 200, height - 22, left + j * 200 + 10, height - 12], fill=colours[j % len(colours)])

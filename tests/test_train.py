@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import run
 from data import read_jsonl
+from encode import TokenCache
 from model import MetaMorph
 
 STAGE2 = ["--vpit_data={'image_qa': 16, 'generation': 8, 'image_edit': 8}", "--vpit_val=2", "--micro_batch_size=4",
@@ -145,13 +146,19 @@ def seed_pairing_text_only_with_images(micro, data_dir, mixture, micro_batch=4):
 def test_zero3_two_processes_with_a_text_only_micro_batch_finish_and_match_one_process(micro, tmp_path):
     """ZeRO-3 gathers the adapter's weights and reduces its gradients on every rank in every step: a rank whose
     micro-batch holds no image must still take part, or the other rank waits for ever. Also the closing exact match
-    runs in lock-step on both ranks. fp32, so that the engine's step matches the plain loop's."""
+    runs in lock-step on both ranks. (On gloo the old code failed at once with a collective mismatch; on NCCL it
+    hangs.) fp32, and both start from the same heads (zero.Init draws fresh ones differently), so that the engine's
+    steps match the plain loop's."""
     pytest.importorskip("deepspeed")
     one, two = fresh_out(micro, tmp_path, "one"), fresh_out(micro, tmp_path, "two")
+    torch.manual_seed(0)
+    heads = MetaMorph.from_llm(os.path.join(micro["base"], "llm"), TokenCache(os.path.join(one, "tokens")).dim)
+    for out in (one, two):
+        heads.save_heads(os.path.join(out, "adapter"))
     data = with_text_only_task(micro, tmp_path)
     mixture = {"image_qa": 8, "text": 8}
     seed = seed_pairing_text_only_with_images(micro, data, mixture)
-    common = [*STAGE2, "--vpit_init=", "--device=cpu", f"--data_dir={data}", f"--vpit_data={mixture}",
+    common = [*STAGE2, "--vpit_init=adapter", "--device=cpu", f"--data_dir={data}", f"--vpit_data={mixture}",
               f"--seed={seed}", "--dtype=float32"]
     run("train_vpit.py", *stage_args(micro, one), *common)
     run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_vpit.py",
@@ -160,9 +167,7 @@ def test_zero3_two_processes_with_a_text_only_micro_batch_finish_and_match_one_p
     a, b = curve(one), curve(two)
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):
-        assert x["text_loss"] == pytest.approx(y["text_loss"], rel=1e-3)
-        assert (x["vision_cos"] is None and y["vision_cos"] is None) or \
-            x["vision_cos"] == pytest.approx(y["vision_cos"], rel=1e-3, abs=1e-4)
+        assert x["text_loss"] == pytest.approx(y["text_loss"], rel=1e-4)
     report = json.load(open(os.path.join(two, "logs", "vpit_report.json")))
     assert 0 <= report["image_qa_exact_match"] <= 1
 
