@@ -165,6 +165,8 @@ class Conversations(Dataset):
     def sample(self, i):
         """The i-th conversation, read from its file and checked (a bad line is an error naming file and line)."""
         f, lineno = self.where(i)
+        if self._handles.get("pid") != os.getpid():  # a forked DataLoader worker: its own files (a shared offset races)
+            self._handles = {"pid": os.getpid()}
         if f not in self._handles:
             self._handles[f] = open(self.files[f], "rb")
         handle = self._handles[f]

@@ -1,15 +1,22 @@
 """
 SigLIP -> 64 visual tokens -> safetensors cache (PAPER.md Sec. 2, DESIGN.md "Visual tokens").
 
-    python encode.py                        # every image of data/toy/{train,val}/*.jsonl -> out/tiny/tokens/
+    python encode.py                                        # every image of data/toy/{train,val}/*.jsonl
+    torchrun --nproc_per_node=8 encode.py configs/8b.py     # the images split across 8 GPUs
 
 The frozen vision tower runs once per image here, so training never runs it. The cache is <out_dir>/tokens/:
-shard-00000.safetensors, ... (one float16 tensor "tokens" of shape (n, 64, d) each) and index.json, which maps each
-image path, as written in the JSONL, to [shard, row]. Every file is written atomically and index.json is rewritten
-after each shard, so a crash leaves a consistent cache, and a rerun encodes only the images not yet in it.
-Other stages import: visual_tokens, load_vision_tower, load_image, TokenCache.
+- shard-r<rank>-<k>.safetensors: one float16 tensor "tokens" (n, 64, d), written by one rank, and beside it
+  shard-r<rank>-<k>.paths, the n image paths (as the JSONL writes them), one a line, written once the shard is whole;
+- index-hashes.npy / index-locations.npy: a sorted 64-bit hash of every path and its (shard, row), 16 bytes an image,
+  memory-mapped when opened (no rank reads a 12M-entry index into memory); cache.json: the tower, sizes and shards.
+Every file is written atomically; the index is rebuilt from the .paths files (linear in the images) once every rank is
+done, so a crash or a kill leaves the shards written so far, and a rerun encodes only the images in none of them.
+At paper scale the cache is big: 12M images x 64 tokens x 1152 x 2 bytes = ~1.8 TB (the dry run prints it).
+Other stages import: visual_tokens, load_vision_tower, load_image, TokenCache, open_token_cache, fill_cache.
 """
+import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -17,7 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
@@ -126,6 +135,14 @@ def image_paths(data_dir):
 
 
 # ---- the cache -------------------------------------------------------------------------------------------------------
+META, HASHES, LOCATIONS = "cache.json", "index-hashes.npy", "index-locations.npy"
+
+
+def path_hash(path):
+    """An image path's 64-bit key in the index."""
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
+
+
 def write_atomically(path, write):
     """write(temp_path), then rename over path: a reader sees the old file or the new one, never half of one."""
     temp = f"{path}.tmp"
@@ -133,52 +150,115 @@ def write_atomically(path, write):
     os.replace(temp, path)
 
 
-def write_shard(tokens_dir, index, paths, tokens):
-    """Save tokens, a list of (T, d) tensors, as the next shard (float16), then record their rows in index.json."""
-    name = f"shard-{len(index['shards']):05d}.safetensors"
-    stacked = torch.stack(tokens).to(torch.float16).contiguous()
-    write_atomically(os.path.join(tokens_dir, name), lambda temp: save_file({"tokens": stacked}, temp))
-    index["index"].update({path: [len(index["shards"]), row] for row, path in enumerate(paths)})
-    index["shards"].append(name)
-    write_atomically(os.path.join(tokens_dir, "index.json"), lambda temp: Path(temp).write_text(json.dumps(index)))
+def written_shards(folder):
+    """[(shard file, its image paths)] of every whole shard in folder, in name order (a shard without its .paths file
+    was cut short: it is not one)."""
+    shards = []
+    for listing in sorted(glob.glob(os.path.join(folder, "shard-*.paths"))):
+        with open(listing) as f:
+            shards.append((os.path.basename(listing)[:-len(".paths")] + ".safetensors", f.read().splitlines()))
+    return shards
 
 
-def open_index(tokens_dir, siglip_path, num_tokens):
-    """The cache's index, a new one for an empty folder, or an error if it was made with another tower or size."""
-    file = os.path.join(tokens_dir, "index.json")
+def cached_paths(folder):
+    return {path for _, paths in written_shards(folder) for path in paths}
+
+
+def check_meta(folder, made_by, num_tokens):
+    """Start cache.json in a new folder, or check that the cache there was made by the same model and size."""
+    file = os.path.join(folder, META)
+    if os.path.exists(os.path.join(folder, "index.json")):
+        raise ValueError(f"{folder} is a token cache of an older layout (index.json): delete it and encode again")
     if not os.path.exists(file):
-        return {"siglip_path": siglip_path, "num_tokens": num_tokens, "dim": None, "shards": [], "index": {}}
-    index = json.loads(Path(file).read_text())
-    if (os.path.normpath(index["siglip_path"]), index["num_tokens"]) != (os.path.normpath(siglip_path), num_tokens):
-        raise ValueError(f"{file} holds {index['num_tokens']} tokens per image from {index['siglip_path']}, not "
-                         f"{num_tokens} from {siglip_path}: delete {tokens_dir} or choose another out_dir")
-    return index
+        os.makedirs(folder, exist_ok=True)
+        write_atomically(file, lambda temp: Path(temp).write_text(json.dumps(
+            {"siglip_path": made_by, "num_tokens": num_tokens, "dim": None, "shards": [], "images": 0})))
+        return
+    meta = json.loads(Path(file).read_text())
+    if (os.path.normpath(meta["siglip_path"]), meta["num_tokens"]) != (os.path.normpath(made_by), num_tokens):
+        raise ValueError(f"{file} holds {meta['num_tokens']} tokens per image from {meta['siglip_path']}, not "
+                         f"{num_tokens} from {made_by}: delete {folder} or choose another out_dir")
+
+
+class ShardWriter:
+    """One rank's shards: shard-r<rank>-<k>.safetensors, then its .paths; k goes on after the rank's last whole one."""
+
+    def __init__(self, folder, rank):
+        self.folder, self.rank = folder, rank
+        mine = [name for name, _ in written_shards(folder) if name.startswith(f"shard-r{rank:03d}-")]
+        self.next = 1 + max((int(name[len("shard-r000-"):-len(".safetensors")]) for name in mine), default=-1)
+
+    def write(self, paths, tokens):
+        name = os.path.join(self.folder, f"shard-r{self.rank:03d}-{self.next:05d}")
+        stacked = torch.stack(tokens).to(torch.float16).contiguous()
+        write_atomically(name + ".safetensors", lambda temp: save_file({"tokens": stacked}, temp))
+        write_atomically(name + ".paths", lambda temp: Path(temp).write_text("".join(p + "\n" for p in paths)))
+        self.next += 1
+
+
+def write_index(folder, shards, hashes, locations, dim):
+    """The index files over shards (file names): hashes (uint64) and locations ((n, 2) shard, row) in any order."""
+    order = np.argsort(hashes, kind="stable")
+    hashes, locations = hashes[order], np.asarray(locations, np.int32)[order]
+    twice = np.flatnonzero(hashes[1:] == hashes[:-1])
+    if len(twice):
+        raise ValueError(f"{folder}: {len(twice)} image paths share a 64-bit key with another (a path cached twice, "
+                         "or a hash collision): delete the folder and encode again")
+    for name, array in ((HASHES, hashes), (LOCATIONS, locations)):
+        write_atomically(os.path.join(folder, name), lambda temp: np.save(open(temp, "wb"), array))
+    meta = json.loads(Path(os.path.join(folder, META)).read_text())
+    meta.update(dim=dim, shards=list(shards), images=len(hashes))
+    write_atomically(os.path.join(folder, META), lambda temp: Path(temp).write_text(json.dumps(meta)))
+
+
+def build_index(folder):
+    """Index every whole shard of folder (rank 0, once every rank has written): one pass over the .paths files."""
+    shards = written_shards(folder)
+    hashes = np.fromiter((path_hash(p) for _, paths in shards for p in paths), np.uint64)
+    locations = np.concatenate([np.stack([np.full(len(paths), s), np.arange(len(paths))], 1)
+                                for s, (_, paths) in enumerate(shards)] or [np.zeros((0, 2))])
+    dim = None
+    if shards:
+        with safe_open(os.path.join(folder, shards[0][0]), framework="pt") as f:
+            dim = f.get_slice("tokens").get_shape()[-1]
+    write_index(folder, [name for name, _ in shards], hashes, locations, dim)
 
 
 class TokenCache:
-    """Read-only view of <out_dir>/tokens: cache[image_path] -> float32 (num_tokens, dim), read lazily from its shard
-    (memory-mapped, so a cache of millions of images is never loaded whole)."""
+    """Read-only view of a cache folder: cache[image_path] -> float32 (num_tokens, dim), read lazily from its shard.
+    The index is memory-mapped: opening costs the same for 10 images or 10 million."""
 
     def __init__(self, tokens_dir):
-        file = os.path.join(tokens_dir, "index.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"no token cache at {tokens_dir} (no index.json): run `python encode.py` first")
-        meta = json.loads(Path(file).read_text())
-        self.tokens_dir, self.shards, self.index = tokens_dir, meta["shards"], meta["index"]
+        if not os.path.exists(os.path.join(tokens_dir, HASHES)):
+            raise FileNotFoundError(f"no token cache at {tokens_dir} (no {HASHES}): run `python encode.py` first")
+        meta = json.loads(Path(os.path.join(tokens_dir, META)).read_text())
+        self.tokens_dir, self.shards = tokens_dir, meta["shards"]
         self.siglip_path, self.num_tokens, self.dim = meta["siglip_path"], meta["num_tokens"], meta["dim"]
+        self.open_index()
+
+    def open_index(self):
+        self.hashes = np.load(os.path.join(self.tokens_dir, HASHES), mmap_mode="r")
+        self.locations = np.load(os.path.join(self.tokens_dir, LOCATIONS), mmap_mode="r")
         self._handles = {}  # shard number -> safe_open handle, one per shard
 
     def __len__(self):
-        return len(self.index)
+        return len(self.hashes)
+
+    def locate(self, path):
+        """(shard, row) of path, or None."""
+        key = np.uint64(path_hash(path))
+        i = int(np.searchsorted(self.hashes, key))
+        return tuple(int(x) for x in self.locations[i]) if i < len(self.hashes) and self.hashes[i] == key else None
 
     def __contains__(self, path):
-        return path in self.index
+        return self.locate(path) is not None
 
     def __getitem__(self, path):
-        if path not in self.index:
+        where = self.locate(path)
+        if where is None:
             raise KeyError(f"image {path} is not in the token cache at {self.tokens_dir}: "
                            "run `python encode.py` with the data_dir that lists it")
-        shard, row = self.index[path]
+        shard, row = where
         if shard not in self._handles:
             self._handles[shard] = safe_open(os.path.join(self.tokens_dir, self.shards[shard]), framework="pt")
         return self._handles[shard].get_slice("tokens")[row].float()
@@ -189,8 +269,44 @@ class TokenCache:
             return torch.zeros(0, self.num_tokens, self.dim)
         return torch.stack([self[path] for path in paths])
 
-    def __getstate__(self):  # DataLoader workers: open handles cannot be pickled, each worker opens its own
-        return {**self.__dict__, "_handles": {}}
+    def __getstate__(self):  # DataLoader workers: each maps the index and opens the shards itself
+        return {k: v for k, v in self.__dict__.items() if k not in ("hashes", "locations", "_handles")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.open_index()
+
+
+@functools.lru_cache(maxsize=None)
+def open_token_cache(tokens_dir):
+    """One TokenCache per folder per process: the training set and every val set share it."""
+    return TokenCache(tokens_dir)
+
+
+def fill_cache(folder, todo, encode_batch, rank=0, batch_size=64, shard_size=4096, desc="encode"):
+    """Encode todo (this rank's image paths) in batches with encode_batch(paths) -> (the paths it encoded, their
+    tensors), written as this rank's shards of shard_size. Returns how many it encoded. (The decoder's VAE latents are
+    cached the same way.)"""
+    writer, pending_paths, pending, encoded = ShardWriter(folder, rank), [], [], 0
+    with tqdm(total=len(todo), desc=desc, unit="img", disable=rank != 0) as bar:
+        for i in range(0, len(todo), batch_size):
+            paths, tensors = encode_batch(todo[i:i + batch_size])
+            pending_paths, pending, encoded = pending_paths + paths, pending + list(tensors), encoded + len(paths)
+            while len(pending_paths) >= shard_size or (pending_paths and i + batch_size >= len(todo)):
+                writer.write(pending_paths[:shard_size], pending[:shard_size])
+                del pending_paths[:shard_size], pending[:shard_size]
+            bar.update(min(batch_size, len(todo) - i))
+    return encoded
+
+
+def finish_cache(folder, rank):
+    """Once every rank has written its shards, rank 0 indexes them all; then every rank can open the cache."""
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        build_index(folder)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------
@@ -202,57 +318,72 @@ def load_or_error(path):
         return None, e
 
 
-def main():
-    root = image_root or data_dir
-    tokens_dir = os.path.join(out_dir, "tokens")
-    paths = image_paths(data_dir)
-    index = open_index(tokens_dir, siglip_path, num_visual_tokens)
-    todo = [p for p in paths if p not in index["index"]]
-    if not todo:
-        print(f"all {len(paths)} images are already cached in {tokens_dir}: nothing to do")
-        return
-    print(f"{len(paths)} images in {data_dir}, {len(paths) - len(todo)} already cached, {len(todo)} to encode")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    model, processor = load_vision_tower(siglip_path)
-    model.to(dev)
-    dim = model.config.hidden_size
-    if index["dim"] not in (None, dim):
-        raise ValueError(f"{tokens_dir} holds tokens of width {index['dim']}, but {siglip_path} makes width {dim}")
-    index["dim"] = dim
-    os.makedirs(tokens_dir, exist_ok=True)
+def setup():
+    """(rank, world size, device): torchrun's, or rank 0 of 1."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    return rank, world, (dev if device == "auto" else torch.device(device))
 
-    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=wants_bf16(dtype, torch.device(dev), amx_cpu=True))
-    pending_paths, pending_tokens, skipped, start = [], [], [], time.time()
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, tqdm(total=len(todo), desc="encode", unit="img") as bar:
-        for i in range(0, len(todo), encode_batch_size):
-            batch = todo[i:i + encode_batch_size]
-            images, good = [], []
-            for path, (image, error) in zip(batch, pool.map(load_or_error, [os.path.join(root, p) for p in batch])):
-                if error is None:
-                    images.append(image)
-                    good.append(path)
-                elif skip_bad_images:
-                    skipped.append(path)
-                else:
-                    raise error
-            if images:
+
+def main():
+    rank, world, dev = setup()
+    root, tokens_dir = image_root or data_dir, os.path.join(out_dir, "tokens")
+    paths = image_paths(data_dir)
+    if rank == 0:
+        check_meta(tokens_dir, siglip_path, num_visual_tokens)
+    if dist.is_initialized():
+        dist.barrier()
+    done = cached_paths(tokens_dir)
+    todo = [p for p in paths if p not in done]
+    indexed = os.path.exists(os.path.join(tokens_dir, HASHES)) and \
+        json.loads(Path(os.path.join(tokens_dir, META)).read_text())["images"] == len(done)
+    if not todo and indexed:
+        if rank == 0:
+            print(f"all {len(paths)} images are already cached in {tokens_dir}: nothing to do")
+        return
+    if rank == 0:
+        print(f"{len(paths)} images in {data_dir}, {len(paths) - len(todo)} already cached, {len(todo)} to encode"
+              + (f" on {world} ranks" if world > 1 else ""))
+    mine, skipped, start = todo[rank::world], [], time.time()
+    encoded = 0
+    if mine:
+        model, processor = load_vision_tower(siglip_path)
+        model.to(dev)
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=wants_bf16(dtype, dev, amx_cpu=True))
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            def encode_batch(batch):
+                images, good = [], []
+                for path, (image, error) in zip(batch, pool.map(load_or_error, [os.path.join(root, p) for p in batch])):
+                    if error is None:
+                        images.append(image)
+                        good.append(path)
+                    elif skip_bad_images:
+                        skipped.append(path)
+                    else:
+                        raise error
+                if not images:
+                    return [], []
                 with amp:
-                    tokens = image_tokens(model, processor, images, num_visual_tokens)
-                pending_tokens += list(tokens.to("cpu", torch.float16))
-                pending_paths += good
-            while len(pending_paths) >= encode_shard_size:
-                write_shard(tokens_dir, index, pending_paths[:encode_shard_size], pending_tokens[:encode_shard_size])
-                del pending_paths[:encode_shard_size], pending_tokens[:encode_shard_size]
-            bar.update(len(batch))
-    if pending_paths:
-        write_shard(tokens_dir, index, pending_paths, pending_tokens)
-    seconds = time.time() - start
-    encoded = len(todo) - len(skipped)
-    print(f"encoded {encoded} images into {tokens_dir} ({encoded / seconds:.1f} images/s), "
-          f"{len(index['index'])} cached in all")
-    if skip_bad_images:
-        print(f"skipped {len(skipped)} missing or unreadable images" + (f", e.g. {os.path.join(root, skipped[0])}"
-                                                                         if skipped else ""))
+                    return good, image_tokens(model, processor, images, num_visual_tokens).to("cpu", torch.float16)
+
+            encoded = fill_cache(tokens_dir, mine, encode_batch, rank, encode_batch_size, encode_shard_size)
+    counts = torch.tensor([encoded, len(skipped)])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    finish_cache(tokens_dir, rank)
+    if rank == 0:
+        seconds = time.time() - start
+        print(f"encoded {int(counts[0])} images into {tokens_dir} ({counts[0] / seconds:.1f} images/s), "
+              f"{len(TokenCache(tokens_dir))} cached in all")
+        if skip_bad_images:
+            print(f"skipped {int(counts[1])} missing or unreadable images" +
+                  (f", e.g. {os.path.join(root, skipped[0])}" if skipped else ""))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def stages():
     base, out = os.path.dirname(llm_path), lambda *parts: os.path.join(out_dir, *parts)
     toy = [("toyworld.py", os.path.join(data_dir, "corpus.txt"), False, []),
            ("pretrain_tiny.py", os.path.join(base, "pretrain_report.json"), False, [])] if toy_world else []
-    # encode.py has no end marker (index.json is rewritten after every shard): it always runs and encodes only what
-    # is missing, in seconds when nothing is
+    # encode.py always runs: it encodes only what no shard holds yet (a killed run leaves its shards), in seconds when
+    # nothing is missing
     return toy + [("encode.py", None, False, [out("tokens")]),
                   ("train_adapter.py", out("adapter", "metamorph.json"), True, [out("ckpt", "adapter")]),
                   ("train_vpit.py", out("vpit", "metamorph.json"), True,

@@ -17,7 +17,6 @@ live in visualizer.py; sample.py and eval.py use them as
 Restarted with the same out_dir, it resumes from out_dir/ckpt/decoder (model, optimizer, schedule, step).
 """
 import contextlib
-import glob
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import load_mixture
-from encode import TokenCache, load_image, open_index, write_shard
+from encode import TokenCache, cached_paths, check_meta, fill_cache, finish_cache, load_image
 from eval import names_toy_scenes
 from model import save_atomically, wants_bf16
 from toyworld import compare_scenes, read_scene
@@ -122,50 +121,28 @@ def square(image, resolution):
     return image.crop(box).resize((resolution, resolution), Image.BICUBIC)
 
 
-class LatentCache:
-    """out_dir/latents: one folder per rank that encoded (part-<rank>), each in encode.py's token-cache format (its
-    siglip_path field names the VAE, num_tokens the resolution), read as one: cache.get_many(paths) -> (n, 4, h, w)."""
-
-    def __init__(self, latents_dir):
-        self.where = {}
-        for index in sorted(glob.glob(os.path.join(latents_dir, "part-*", "index.json"))):
-            part = TokenCache(os.path.dirname(index))
-            self.where.update(dict.fromkeys(part.index, part))
-
-    def __contains__(self, path):
-        return path in self.where
-
-    def get_many(self, paths):
-        return torch.stack([self.where[p][p] for p in paths])
-
-
 @torch.no_grad()
 def cache_latents(vae, paths, rank, world, dev):
     """Encode every image not yet cached, once (App. A.2: the VAE is frozen), as its latent mean x the VAE's scaling
-    factor; rank r encodes every world-th of them. Returns the whole cache."""
+    factor, into out_dir/latents in encode.py's cache format (its siglip_path field names the VAE, num_tokens the
+    resolution); rank r encodes every world-th of them. Returns the whole cache: cache.get_many(paths) -> (n, 4, h, w)."""
     latents_dir, root = os.path.join(out_dir, "latents"), image_root or data_dir
-    cached = LatentCache(latents_dir)
-    todo = [p for p in paths[rank::world] if p not in cached]  # split first: ranks may see the cache at different times
-    part = os.path.join(latents_dir, f"part-{rank:03d}")
-    index = open_index(part, vae_path, decoder_resolution)
-    index["dim"] = vae.config.latent_channels
-    os.makedirs(part, exist_ok=True)
-    done_paths, done_latents = [], []
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        for i in tqdm(range(0, len(todo), encode_batch_size), desc="VAE latents", disable=not todo or rank != 0):
-            batch = todo[i:i + encode_batch_size]
-            images = [square(im, decoder_resolution) for im in pool.map(load_image, [os.path.join(root, p)
-                                                                                      for p in batch])]
-            pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
-            posterior = vae.encode(pixels.to(dev)).latent_dist
-            done_latents += list((posterior.mean * vae.config.scaling_factor).cpu())
-            done_paths += batch
-            if len(done_paths) >= encode_shard_size or i + encode_batch_size >= len(todo):
-                write_shard(part, index, done_paths, done_latents)
-                done_paths, done_latents = [], []
+    if rank == 0:
+        check_meta(latents_dir, vae_path, decoder_resolution)
     if dist.is_initialized():
         dist.barrier()
-    return LatentCache(latents_dir)
+    done = cached_paths(latents_dir)
+    todo = [p for p in paths if p not in done][rank::world]
+
+    def encode_batch(batch):
+        images = [square(im, decoder_resolution) for im in pool.map(load_image, [os.path.join(root, p) for p in batch])]
+        pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+        return batch, (vae.encode(pixels.to(dev)).latent_dist.mean * vae.config.scaling_factor).cpu()
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        fill_cache(latents_dir, todo, encode_batch, rank, encode_batch_size, encode_shard_size, desc="VAE latents")
+    finish_cache(latents_dir, rank)
+    return TokenCache(latents_dir)
 
 
 # ---- training --------------------------------------------------------------------------------------------------------

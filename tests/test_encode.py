@@ -1,6 +1,7 @@
 """encode.py: visual tokens (Sec. 2), the safetensors cache, resuming, bad inputs. Tiny random towers, no data/toy."""
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -169,10 +170,10 @@ def test_cache_round_trip_via_command_line(tiny_tower, tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "encoded 5 images" in result.stdout
-    index = json.loads(open(os.path.join(out, "tokens", "index.json")).read())
-    assert index["shards"] == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
-    assert (index["num_tokens"], index["dim"], index["siglip_path"]) == (64, 32, tiny_tower)
     cache = encode.TokenCache(os.path.join(out, "tokens"))
+    assert cache.shards == ["shard-r000-00000.safetensors", "shard-r000-00001.safetensors",
+                            "shard-r000-00002.safetensors"]
+    assert (cache.num_tokens, cache.dim, cache.siglip_path) == (64, 32, tiny_tower)
     assert len(cache) == 5 and cache.dim == 32 and "images/0.png" in cache and "images/9.png" not in cache
     for name in names:
         tokens = cache[name]
@@ -192,7 +193,7 @@ def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsy
     assert "encoded 3 images" in run_main(monkeypatch, capsys, **knobs)
     tokens_dir = os.path.join(out, "tokens")
     old = {f: (os.stat(os.path.join(tokens_dir, f)).st_mtime_ns, open(os.path.join(tokens_dir, f), "rb").read())
-           for f in ("shard-00000.safetensors", "shard-00001.safetensors")}
+           for f in ("shard-r000-00000.safetensors", "shard-r000-00001.safetensors")}
 
     make_world(data, ["images/d.png", "images/e.png"], "val", "more", seed=10)
     with open(os.path.join(data, "val", "more.jsonl"), "a") as f:
@@ -202,7 +203,8 @@ def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsy
         assert os.stat(os.path.join(tokens_dir, f)).st_mtime_ns == mtime
         assert open(os.path.join(tokens_dir, f), "rb").read() == content
     cache = encode.TokenCache(tokens_dir)
-    assert cache.shards == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    assert cache.shards == ["shard-r000-00000.safetensors", "shard-r000-00001.safetensors",
+                            "shard-r000-00002.safetensors"]
     assert len(cache) == 5
     for name in ("a", "d", "e"):
         path = f"images/{name}.png"
@@ -242,11 +244,72 @@ def test_bad_images_raise_or_are_skipped(tiny_tower, tmp_path, monkeypatch, caps
     write_jsonl(data, "val", "bad", [["images/missing.png"]])
     with pytest.raises(FileNotFoundError, match="missing.png"):
         run_main(monkeypatch, capsys, **knobs)
-    assert not os.path.exists(os.path.join(out, "tokens", "index.json"))
+    assert not os.path.exists(os.path.join(out, "tokens", encode.HASHES))
 
     write_jsonl(data, "val", "bad", [["images/corrupt.png"], ["images/missing.png"]])
     printed = run_main(monkeypatch, capsys, skip_bad_images=True, **knobs)
     assert "encoded 2 images" in printed and "skipped 2" in printed
     cache = encode.TokenCache(os.path.join(out, "tokens"))
-    assert sorted(cache.index) == ["images/a.png", "images/b.png"]
+    assert len(cache) == 2 and "images/a.png" in cache and "images/corrupt.png" not in cache
     assert cache["images/b.png"].shape == (64, 32)
+
+
+def test_two_ranks_encode_the_same_tokens_as_one(tiny_tower, tmp_path):
+    """torchrun splits the images across the ranks, each writing its own shards; rank 0 indexes them all."""
+    data = str(tmp_path / "data")
+    names = [f"images/{i}.png" for i in range(7)]
+    make_world(data, names)
+    common = [f"--data_dir={data}", f"--siglip_path={tiny_tower}", "--device=cpu", "--dtype=float32",
+              "--encode_shard_size=2", "--encode_batch_size=2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, "encode.py", f"--out_dir={one}", *common], cwd=ROOT, check=True,
+                   capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "encode.py", f"--out_dir={two}", *common], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encoded 7 images" in result.stdout and "on 2 ranks" in result.stdout
+    a, b = encode.TokenCache(os.path.join(one, "tokens")), encode.TokenCache(os.path.join(two, "tokens"))
+    assert {s[:len("shard-r000")] for s in b.shards} == {"shard-r000", "shard-r001"} and len(b) == len(a) == 7
+    for name in names:
+        assert torch.allclose(a[name], b[name], atol=1e-3)
+
+
+def test_a_killed_run_keeps_its_whole_shards_and_encodes_the_rest(tiny_tower, tmp_path, monkeypatch, capsys):
+    """Killed after some shards (no index yet) and in the middle of one (a shard without its .paths file): the rerun
+    encodes only the images of no whole shard, and indexes everything."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    names = [f"images/{i}.png" for i in range(6)]
+    make_world(data, names)
+    knobs = dict(data_dir=data, out_dir=out, siglip_path=tiny_tower, encode_shard_size=2, encode_batch_size=2,
+                 dtype="float32")
+    run_main(monkeypatch, capsys, **knobs)
+    tokens_dir = os.path.join(out, "tokens")
+    for name in (encode.HASHES, encode.LOCATIONS, "shard-r000-00002.paths"):
+        os.remove(os.path.join(tokens_dir, name))
+    assert "encoded 2 images" in run_main(monkeypatch, capsys, **knobs)
+    cache = encode.TokenCache(tokens_dir)
+    assert len(cache) == 6 and len(cache.shards) == 3
+    for name in names:
+        assert torch.allclose(cache[name], direct_tokens(tiny_tower, os.path.join(data, name)), atol=1e-3, rtol=1e-2)
+
+
+def test_index_lookups_duplicates_and_workers(tmp_path):
+    folder = str(tmp_path / "cache")
+    encode.check_meta(folder, "tower", 4)
+    paths = [f"images/{i}.png" for i in range(1000)]
+    tokens = [torch.full((4, 3), float(i)) for i in range(1000)]
+    writer = encode.ShardWriter(folder, rank=1)
+    for k in range(0, 1000, 300):
+        writer.write(paths[k:k + 300], tokens[k:k + 300])
+    encode.build_index(folder)
+    cache = encode.TokenCache(folder)
+    assert len(cache) == 1000 and cache.dim == 3 and cache.shards[0] == "shard-r001-00000.safetensors"
+    assert all(cache[p][0, 0] == 37 * i for i, p in enumerate(paths[::37]))
+    assert "images/1000.png" not in cache
+    clone = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker gets: the index mapped again, not copied
+    assert len(pickle.dumps(cache)) < 1000 and torch.equal(clone["images/999.png"], cache["images/999.png"])
+    assert encode.open_token_cache(folder) is encode.open_token_cache(folder)
+    hashes = np.array([encode.path_hash(p) for p in ("a", "b", "a")], np.uint64)
+    with pytest.raises(ValueError, match="share a 64-bit key"):
+        encode.write_index(folder, ["x"], hashes, np.zeros((3, 2)), 3)
