@@ -7,16 +7,24 @@ which applies, in order: a config file (first argument ending in .py; configs/ti
 `--key=value` or `--key value` overrides. Values are parsed as Python literals (falling back to a plain string) and
 must have the type of the default; a list knob given plain values collects them (--image a.png --image b.png).
 A config file is shared by every stage, so it may hold keys another stage declares; a key that no stage declares is
-an error, as is an override this script does not declare.
+an error, as is an override this script does not declare. Run from the command line, such a mistake is one line on
+stderr and exit status 2; `--help` lists the script's knobs with their values and comments, and exits.
 """
 import ast
+import difflib
+import io
 import os
 import sys
+import tokenize
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 STAGES = ["toyworld.py", "pretrain_tiny.py", "prepare_smol.py", "encode.py", "train_adapter.py", "train_vpit.py",
           "train_decoder.py", "sample.py", "eval.py", "estimate.py", "pipeline.py", "ablate.py", "benchmark.py"]
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or on the command line (not a bug): one line on stderr from the command line."""
 
 
 def knobs(g):
@@ -58,8 +66,8 @@ def checked(key, value, default, source):
             value = [checked(f"{key}[{i}]", item, default[0], source) for i, item in enumerate(value)]
         return type(default)(value)
     if type(value) is not type(default):
-        raise ValueError(f"config key '{key}' ({source}): expected {type(default).__name__}, "
-                         f"got {type(value).__name__} {value!r}")
+        raise ConfigError(f"config key '{key}' ({source}): expected {type(default).__name__}, "
+                          f"got {type(value).__name__} {value!r}")
     return value
 
 
@@ -80,32 +88,67 @@ def split_args(argv):
         elif arg.endswith(".py") and config_file is None:
             config_file = arg
         else:
-            raise ValueError(f"unexpected argument {arg!r}: give a config file (configs/x.py) and --key=value overrides")
+            raise ConfigError(f"unexpected argument {arg!r}: give a config file (configs/x.py) and --key=value "
+                              "overrides")
         i += 1
     return config_file, pairs
 
 
-def configure(g, argv=None):
-    """Apply a config file and command-line overrides to the knobs in g (a script's globals()), in place."""
-    argv = sys.argv[1:] if argv is None else argv
-    config_file, pairs = split_args(argv)
+def comments(script):
+    """{knob: its comment} from a script's source: the `#` comment on the line where its assignment ends, and the
+    comment-only lines that go on with it (up to the next code or a `# ----` rule)."""
+    source = open(script).read()
+    by_line = {tok.start[0]: tok.string.lstrip("# ").rstrip() for tok in
+               tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines, found = source.splitlines(), {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            text, line = [by_line.get(node.end_lineno, "")], node.end_lineno + 1
+            while text[0] and line in by_line and lines[line - 1].lstrip().startswith("#") and \
+                    not lines[line - 1].lstrip().startswith("# --"):
+                text.append(by_line[line])
+                line += 1
+            found[node.targets[0].id] = " ".join(t for t in text if t)
+    return found
+
+
+def print_help(g, defaults, config_file, from_file):
+    """The script's first docstring line, how to call it, and every knob: its value now, where it came from, and its
+    comment."""
+    script = g.get("__file__", sys.argv[0])
+    doc = (g.get("__doc__") or "").strip().splitlines()
+    notes = comments(script) if os.path.exists(script) else {}
+    print(f"{os.path.basename(script)}: {doc[0] if doc else ''}")
+    print(f"usage: python {os.path.basename(script)} [config.py] [--key=value ...]   (config now: {config_file})\n")
+    for key in defaults:
+        value = f"--{key}={g[key]!r}" + (f"  ({os.path.basename(config_file)})" if key in from_file else "")
+        print(f"  {value}" + (f"\n      {notes[key]}" if notes.get(key) else ""))
+
+
+def apply(g, argv):
+    """configure() without the command-line handling: a mistake raises ConfigError; --help prints and exits 0."""
+    wants_help = any(a in ("--help", "-h") for a in argv)
+    config_file, pairs = split_args([a for a in argv if a not in ("--help", "-h")])
     config_file = config_file or DEFAULT_CONFIG
     if not os.path.exists(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file}")
+        raise ConfigError(f"config file not found: {config_file}")
     defaults = knobs(g)
     file_values = {}
     exec(open(config_file).read(), file_values)  # one namespace: a comprehension in the file sees its earlier names
     file_values = knobs(file_values)
     unknown = sorted(set(file_values) - set(defaults) - declared_by_any_stage())
     if unknown:
-        raise ValueError(f"{config_file}: unknown config key(s) {unknown}: no stage script declares them")
+        raise ConfigError(f"{config_file}: unknown config key(s) {unknown}: no stage script declares them")
     for key, value in file_values.items():
         if key in defaults:
             g[key] = checked(key, value, defaults[key], config_file)
     repeated = {}
     for key, text in pairs:
         if key not in defaults:
-            raise ValueError(f"unknown config key '{key}' (command line): known keys are {sorted(defaults)}")
+            close = difflib.get_close_matches(key, defaults, n=3)
+            raise ConfigError(f"unknown config key '{key}' (command line)" +
+                              (f": did you mean {' or '.join(close)}?" if close else "") +
+                              " `--help` lists this script's keys")
         value = text if isinstance(defaults[key], str) else parse_value(text)  # a prompt stays a string
         if isinstance(defaults[key], list) and not isinstance(value, list):  # repeatable: --image a.png --image b.png
             item = text if all(isinstance(x, str) for x in defaults[key]) else parse_value(text)
@@ -113,4 +156,19 @@ def configure(g, argv=None):
             value.append(item)
         g[key] = checked(key, value, defaults[key], "command line")
     g["config_file"] = config_file
+    if wants_help:
+        print_help(g, defaults, config_file, set(file_values) & set(defaults))
+        raise SystemExit(0)
     return {k: g[k] for k in defaults}
+
+
+def configure(g, argv=None):
+    """Apply a config file and command-line overrides to the knobs in g (a script's globals()), in place. From the
+    command line (argv None) a mistake is one line on stderr and exit status 2; given argv, it raises ConfigError."""
+    if argv is not None:
+        return apply(g, argv)
+    try:
+        return apply(g, sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

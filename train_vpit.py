@@ -35,8 +35,8 @@ vpit_data = {"image_qa": -1, "video_qa": -1, "generation": -1, "image_edit": -1,
              "visual_thinking": -1}  # task -> number of samples (-1: all); ablations change this mix
 vpit_val = 64  # val samples per task for the periodic val loss
 vpit_init = "adapter"  # stage-1 checkpoint under out_dir whose adapter and delimiter rows start stage 2 ("": fresh)
-vpit_lead_in = {}  # a mixture trained alone, for vpit_lead_in_epochs, before vpit_data ({}: none, the paper's recipe;
-vpit_lead_in_epochs = 1  # configs/tiny.py: generation first, or the toy LLM never draws what it is asked, README)
+vpit_lead_in = {}  # a mixture trained alone, for vpit_lead_in_epochs, before vpit_data ({}: none, the paper's recipe)
+vpit_lead_in_epochs = 1  # configs/tiny.py: generation first, or the toy LLM never draws what it is asked (README)
 vpit_lr = 3e-4  # toy: 1e-3 learned only the answers' priors; 3e-4 reads the context (docs/toy_experiments.md)
 vpit_weight_decay = 0.0  # Tab. 2
 vpit_batch_size = 16  # global batch, in conversations (toy: 4x the steps of 64 for the same compute)

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from configurator import configure, split_args
@@ -75,3 +79,30 @@ def test_none_lists_and_names_shared_within_a_file(tmp_path):
         configure(g, [write_config(tmp_path, ""), "--channels=[1, 'x']"])
     configure(g, [write_config(tmp_path, "steps = 4\nchannels = [steps * k for k in (1, 2)]\n")])
     assert g["channels"] == [4, 8]
+
+
+def test_every_script_answers_help_with_its_knobs():
+    """--help: each knob with its value and its comment from the source, exit 0 (it used to be a traceback)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from configurator import ROOT, STAGES
+
+    def help_of(script):
+        return script, subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(2) as pool:
+        for script, out in pool.map(help_of, [s for s in STAGES if os.path.exists(os.path.join(ROOT, s))]):
+            assert out.returncode == 0 and not out.stderr.count("Traceback"), (script, out.stderr[-2000:])
+            assert out.stdout.startswith(f"{script}: ") and "\n  --" in out.stdout, (script, out.stdout[:500])
+    encode_help = help_of("encode.py")[1].stdout
+    assert "--encode_shard_size=4096\n      images per safetensors shard" in encode_help
+    assert "--data_dir='data/toy'  (tiny.py)" in encode_help  # a value from the config file says so
+
+
+def test_a_mistake_on_the_command_line_is_one_line_and_exit_2():
+    from configurator import ROOT
+    for args, message in ((["--encode_shard_sise=3"], "did you mean encode_shard_size"),
+                          (["--encode_shard_size=many"], "expected int"), (["nowhere.py"], "config file not found")):
+        out = subprocess.run([sys.executable, "encode.py", *args], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1
