@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import sys
 import zlib
 from collections import Counter
 
@@ -202,10 +203,11 @@ def sample(sid, task, images, texts):
 
 def llava_samples(args, rng, i, row):
     """LLaVA / Cambrian: `image` (a path, a list of paths, or none: a text-only conversation) and `conversations` of
-    from/value turns, <image> where each image goes (LLaVA puts it in the first human turn)."""
+    from/value turns, <image> where each image goes (LLaVA puts it in the first human turn). Rows already in this
+    project's format (`images`, a list, and a `task`) are taken as they are."""
     if "video" in row:
         raise Skip("video sample", "convert videos with `prepare.py video`")
-    images = row.get("image") or []
+    images = (row.get("image") if "image" in row else row.get("images")) or []
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise Skip("bad image field", images)
@@ -214,7 +216,8 @@ def llava_samples(args, rng, i, row):
     except (KeyError, TypeError) as e:
         raise Skip("not a conversation", e) from None
     sid, paths = row_id(args, i, row), [image_path(args, p) for p in images]
-    return paths[0] if paths else sid, [{"id": sid, "task": args.task, "images": paths, "conversations": turns}]
+    task = row["task"] if isinstance(row.get("task"), str) and row["task"].strip() else args.task
+    return paths[0] if paths else sid, [{"id": sid, "task": task, "images": paths, "conversations": turns}]
 
 
 def request(caption):
@@ -319,7 +322,7 @@ class Output:
 
     def __init__(self, args):
         self.out, self.suffix, self.val = args.out, f"_{args.tag}" if args.tag else "", args.val
-        self.files, self.written, self.skipped = {}, Counter(), Counter()
+        self.files, self.written, self.skipped, self.rows = {}, Counter(), Counter(), 0
         self.log_path = os.path.join(args.out, "skipped", f"{args.name}.jsonl")
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         self.log = open(f"{self.log_path}.tmp", "w")
@@ -361,6 +364,7 @@ class Output:
 def convert(output, rows, make, image_root, decode, desc):
     """Every row through make, every sample through check; whatever fails is skipped and logged, never dropped."""
     for i, (where, row) in enumerate(tqdm(rows, desc=desc, unit=" rows")):
+        output.rows += 1
         try:
             if isinstance(row, Skip):
                 raise row
@@ -388,6 +392,8 @@ def parse_args(argv=None):
                                                   "side (list both in the mixture)")
     common.add_argument("--val", type=float, default=0.01, help="fraction of rows for val/, by a hash of the image")
     common.add_argument("--seed", type=int, default=1337, help="for the phrasings and the clips")
+    common.add_argument("--max_skipped", type=float, default=0.1,
+                        help="fail (exit status 2) when more than this fraction of the rows is skipped, or all are")
     common.add_argument("--fast", action="store_true", help="only check that images exist, do not decode them "
                                                             "(an unreadable one then stops encode.py, which names it)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -426,6 +432,11 @@ def main(argv=None):
     for rows, make in sources(args):
         convert(output, rows, functools.partial(make, args, rng), args.image_root, not args.fast, args.command)
     output.close()
+    skipped = sum(output.skipped.values())
+    if output.rows == 0 or skipped == output.rows or skipped > args.max_skipped * output.rows:
+        print(f"error: {skipped} of {output.rows} rows skipped (more than --max_skipped={args.max_skipped} of them): "
+              f"the reasons are above and each row's in {output.log_path}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

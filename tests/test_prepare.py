@@ -30,7 +30,8 @@ def write_jsonl(path, rows):
 
 
 def convert(*argv):
-    prepare.main([str(a) for a in argv])
+    """prepare.main; the converter tests skip rows on purpose, so they allow most to be (but not all)."""
+    prepare.main([str(a) for a in argv] + ([] if "--max_skipped" in argv else ["--max_skipped", "0.99"]))
 
 
 def loaded(out, split, name):
@@ -80,7 +81,10 @@ def test_llava_json_array(tmp_path, capsys):
            {"id": "empty", "image": "coco/1.png", "conversations": [one_turn[0], {"from": "gpt", "value": " "}]},
            {"id": "vid", "video": "v.mp4", "conversations": one_turn}]
     (src / "mix.json").write_text(json.dumps(good[:3] + bad + good[3:], indent=1))
-    convert("llava", "--src", src / "mix.json", "--out", out, "--val", 0)
+    with pytest.raises(SystemExit) as failed:  # 7 of 13 rows skipped: more than the default, 0.1
+        convert("llava", "--src", src / "mix.json", "--out", out, "--val", 0, "--max_skipped", 0.1)
+    assert failed.value.code == 2 and "error: 7 of 13 rows skipped" in capsys.readouterr().err
+    convert("llava", "--src", src / "mix.json", "--out", out, "--val", 0, "--max_skipped", 0.6)
     samples = {s["id"]: s for s in loaded(out, "train", "image_qa")}
     assert list(samples) == [s["id"] for s in good] and not read_jsonl(str(out / "val" / "image_qa.jsonl"))
     assert samples["q0"]["conversations"] == good[0]["conversations"] and samples["q0"]["task"] == "image_qa"
@@ -93,8 +97,30 @@ def test_llava_json_array(tmp_path, capsys):
     assert all(r["where"].startswith(str(src / "mix.json")) for r in skip_log(out, "llava"))
     printed = capsys.readouterr().out
     assert "image_qa: 6 train, 0 val" in printed and "skipped 7 rows" in printed
-    convert("llava", "--src", src / "mix.json", "--out", out, "--val", 0, "--fast", "--tag", "fast")
+    convert("llava", "--src", src / "mix.json", "--out", out, "--val", 0, "--fast", "--tag", "fast",
+            "--max_skipped", 0.6)
     assert "broken" in {s["id"] for s in read_jsonl(str(out / "train" / "image_qa_fast.jsonl"))}  # not decoded
+
+
+def test_rows_in_the_projects_own_format_convert_and_all_skipped_fails(tmp_path, capsys):
+    """A data_dir already in the conversation format (`images`, a list, and a task per row) goes through `llava`
+    as it is; a run that can use no row exits 2 with the reasons counted (it used to exit 0 with every row skipped)."""
+    rng, data, out = random.Random(0), tmp_path / "mine", tmp_path / "out"
+    save(render(random_scene(rng)), str(data / "images" / "a.png"))
+    rows = [{"id": "gen", "task": "generation", "images": ["images/a.png"], "conversations": [
+                {"from": "human", "value": "Draw it."}, {"from": "gpt", "value": "Sure: <image>"}]},
+            {"id": "qa", "task": "image_qa", "images": ["images/a.png"], "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a shape"}]}]
+    write_jsonl(data / "rows.jsonl", rows)
+    convert("llava", "--src", data / "rows.jsonl", "--images", data, "--out", out, "--val", 0)
+    assert [s["id"] for s in loaded(out, "train", "generation")] == ["gen"]
+    assert loaded(out, "train", "image_qa")[0]["images"] == ["../mine/images/a.png"]
+    write_jsonl(data / "rows.jsonl", [{**r, "images": []} for r in rows])  # every row now lacks its picture
+    with pytest.raises(SystemExit) as failed:
+        convert("llava", "--src", data / "rows.jsonl", "--out", out)
+    captured = capsys.readouterr()
+    assert failed.value.code == 2 and "skipped 2 rows (2 placeholder mismatch)" in captured.out
+    assert "error: 2 of 2 rows skipped" in captured.err
 
 
 def test_llava_jsonl_as_captions_with_image_root_and_tag(tmp_path):
