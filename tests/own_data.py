@@ -57,13 +57,12 @@ def picture(name, shade, rng):
 
 
 def conversations(task, name, shade, rng):
-    article = "an" if name[0] in "aeiou" else "a"
     if task == "caption":
         return [("Write a short caption for this photo.\n<image>", f"A {shade} {name} on a grey backdrop.")]
     if task == "image_qa":
         return rng.sample([("<image>\nWhich object is in this photo?", name),
                            ("<image>\nIs the object light or dark?", shade)], 1)
-    return [(f"Could you sketch {article} {shade} {name} for me?", "Of course! Here is my sketch: <image>")]
+    return [(f"Could you sketch a {shade} {name} for me?", "Of course! Here is my sketch: <image>")]
 
 
 def make(out, n_train, n_val, seed=0):
