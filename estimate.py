@@ -1,6 +1,7 @@
 """
-Dry run for the big configs: parameter counts, FLOPs, per-GPU memory and hours of stage 2 (VPiT), with no weights read
-and no GPU. `train_vpit.py --dry_run=True` calls report(); stand-alone:
+Dry run for the big configs: parameter counts, FLOPs, per-GPU memory and hours of stage 2 (VPiT), the token cache's
+size on disk, the data index's host memory per rank, and the checkpoint and val cadence those hours call for, with no
+weights read and no GPU. `train_vpit.py --dry_run=True` calls report(); stand-alone:
 
     python estimate.py configs/8b.py [--gpu_count=128 ...]
 
@@ -12,6 +13,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+from data import INDEX_BYTES_PER_CONVERSATION
 from model import mlp
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -31,16 +33,26 @@ vpit_batch_size = 1536
 micro_batch_size = 4
 max_seq_len = 4096
 grad_checkpointing = True
+# images a conversation holds, by task, for the token cache's size: our assumptions about the sets PAPER.md names
+# (Sec. 2.2, App. C); a text-only conversation (a share of Cambrian's ImageQA) holds none, so image_qa's 1 is an upper
+# bound. Images are counted per conversation, not deduplicated.
+images_per_conversation = {"caption": 1, "image_qa": 1, "video_qa": 8, "generation": 1, "image_edit": 2,
+                           "video_prediction": 8, "visual_thinking": 2}  # video: 8 frames at 1 fps; thinking: + a crop
+ckpt_interval = 100  # steps; the report converts them to minutes of training
+eval_interval = 100
 # ---------------------------------------------------------------------------------------------------------------------
 KNOBS = ["siglip_path", "vision_dim", "gpu_count", "gpu_memory_gb", "assumed_mfu", "gpu_peak_tflops",
          "avg_sample_tokens", "dry_run_tokens", "vpit_data", "vpit_epochs", "vpit_batch_size", "micro_batch_size",
-         "max_seq_len", "grad_checkpointing"]
+         "max_seq_len", "grad_checkpointing", "images_per_conversation", "ckpt_interval", "eval_interval"]
 DEFAULTS = {k: globals()[k] for k in KNOBS}
 LLAMA_31 = dict(vocab_size=128256, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
                 rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000,
                 eos_token_id=[128001, 128008, 128009],
                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+CACHE_INDEX_BYTES_PER_IMAGE = 16  # encode.py's token-cache index: an image's path hash, shard and row
+CKPT_BYTES_PER_PARAM = 12  # a ZeRO-3 checkpoint: the fp32 master weights and Adam's m and v, sharded over the ranks
+CKPT_MINUTES, EVAL_MINUTES = 45, 20  # a crash loses at most ~45 min; a val pass at most every ~20 min
 FALLBACKS = {"70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
              "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)}
 
@@ -116,6 +128,27 @@ def hours(tokens, flops_per_token, gpu_count, gpu_peak_tflops, assumed_mfu):
     return tokens * flops_per_token / (gpu_count * gpu_peak_tflops * 1e12 * assumed_mfu) / 3600
 
 
+def token_cache(counts, images_per_conversation, num_visual_tokens, vision_dim):
+    """(images, bytes on disk) of the token cache a mixture reads: float16 (num_visual_tokens, vision_dim) per image and
+    its index entry. counts: task -> conversations."""
+    unknown = sorted(set(counts) - set(images_per_conversation))
+    if unknown:
+        raise ValueError(f"images_per_conversation has no count for {unknown}: add how many images such a "
+                         "conversation holds")
+    images = sum(n * images_per_conversation[task] for task, n in counts.items())
+    return images, images * (num_visual_tokens * vision_dim * 2 + CACHE_INDEX_BYTES_PER_IMAGE)
+
+
+def round2(x):
+    """x to two significant digits, at least 1: a step interval a config can hold."""
+    return max(1, int(float(f"{x:.2g}")))
+
+
+def cadence(steps_per_hour):
+    """(ckpt_interval, eval_interval) in steps: a checkpoint every ~CKPT_MINUTES, a val pass every ~EVAL_MINUTES."""
+    return round2(steps_per_hour * CKPT_MINUTES / 60), round2(steps_per_hour * EVAL_MINUTES / 60)
+
+
 def settings(cfg):
     """The knobs above: cfg's own, else those of the config file cfg names (a stage script that does not declare the
     dry-run knobs still gets the values its config file sets), else the defaults above."""
@@ -135,7 +168,8 @@ def report(llm_path, vision_dim, num_visual_tokens, cfg):
     config, source = llm_config(llm_path)
     r = count_params(config, vision_dim)
     unknown = [task for task, n in c["vpit_data"].items() if n is None or n < 0]  # -1 / None: "all" of a task's file
-    samples = sum(n for task, n in c["vpit_data"].items() if task not in unknown) * c["vpit_epochs"]
+    counts = {task: n for task, n in c["vpit_data"].items() if task not in unknown}
+    samples = sum(counts.values()) * c["vpit_epochs"]
     r["tokens"] = c["dry_run_tokens"] or samples * c["avg_sample_tokens"]
     seq_len = min(c["avg_sample_tokens"], c["max_seq_len"])  # samples are not packed: T = a sample's length
     r["flops_per_token"] = flops_per_token(r["matmul_params"], config, seq_len, c["grad_checkpointing"])
@@ -148,6 +182,12 @@ def report(llm_path, vision_dim, num_visual_tokens, cfg):
     per_step = c["micro_batch_size"] * c["gpu_count"]
     r["grad_accum"] = c["vpit_batch_size"] / per_step
     r["steps"] = int(r["tokens"] / c["avg_sample_tokens"]) // c["vpit_batch_size"]  # (dry_run_tokens too)
+    r["cache_images"], r["cache_bytes"] = token_cache(counts, c["images_per_conversation"], num_visual_tokens,
+                                                      vision_dim)
+    r["index_bytes"] = sum(counts.values()) * INDEX_BYTES_PER_CONVERSATION  # every rank holds the whole index
+    r["ckpt_bytes"] = CKPT_BYTES_PER_PARAM * r["trainable_params"]
+    r["steps_per_hour"] = r["steps"] / r["hours"] if r["hours"] else 0.0
+    r["ckpt_interval"], r["eval_interval"] = cadence(r["steps_per_hour"])
     B, m = 1e9, r["memory_gb"]
     print(f"LLM config: {source} (meta device, no weights read); vision width {vision_dim}")
     print(f"  d={config.hidden_size} layers={config.num_hidden_layers} heads={config.num_attention_heads}"
@@ -174,6 +214,18 @@ def report(llm_path, vision_dim, num_visual_tokens, cfg):
     print(f"time: {human(r['tokens'])} tokens ({source}), {r['steps']:,} steps of {c['vpit_batch_size']} "
           f"(grad accumulation {r['grad_accum']:g}) -> {r['hours']:.1f} h on {c['gpu_count']} GPUs at "
           f"{c['assumed_mfu']:.0%} MFU of {c['gpu_peak_tflops']:g} TFLOPS ({r['hours'] * c['gpu_count']:,.0f} GPU-hours)")
+    per_task = ", ".join(f"{task} {n / 1e6:g}M x {c['images_per_conversation'][task]}" for task, n in counts.items())
+    print(f"token cache: {human(r['cache_images'])} images ({per_task}) x {num_visual_tokens} x {vision_dim} x 2 bytes "
+          f"(float16) + {CACHE_INDEX_BYTES_PER_IMAGE} bytes of index = {r['cache_bytes'] / 1e12:.2f} TB on disk")
+    print(f"data index: {human(sum(counts.values()))} conversations x {INDEX_BYTES_PER_CONVERSATION} bytes = "
+          f"{r['index_bytes'] / 1e9:.2f} GB of host memory per rank")
+    if r["steps_per_hour"]:
+        minutes = lambda steps: f"{steps / r['steps_per_hour'] * 60:.0f} min"
+        print(f"cadence: {r['steps_per_hour']:,.0f} steps/h -> ckpt_interval {r['ckpt_interval']} (~{CKPT_MINUTES} "
+              f"min; a ZeRO-3 checkpoint is {CKPT_BYTES_PER_PARAM} bytes/param = {r['ckpt_bytes'] / 1e9:.0f} GB), "
+              f"eval_interval {r['eval_interval']} (~{EVAL_MINUTES} min)")
+        print(f"  this config: ckpt_interval {c['ckpt_interval']} = {minutes(c['ckpt_interval'])}, eval_interval "
+              f"{c['eval_interval']} = {minutes(c['eval_interval'])}")
     return r
 
 

@@ -47,6 +47,12 @@ vpit_warmup_ratio = 0.03  # cosine schedule after a 3% warm-up (released scripts
 vision_loss_weight = 1.0  # Sec. 2: total = CE + 1.0 x (1 - cos)
 deepspeed_config = "configs/zero3.json"  # ZeRO-3 on H100 (App. A.1)
 
+# ---- cadence: from the dry run's 17,968 steps in 9.6 h = 1,876 steps/h (python estimate.py configs/70b.py) -----------
+# Shared by stage 1, stage 2 and the decoder (train_adapter.py, train_vpit.py, train_decoder.py).
+log_interval = 10  # steps between progress lines (~19 s); the log file records every step
+eval_interval = 630  # a val pass every ~20 min of training, not at toy cadence
+ckpt_interval = 1400  # a ZeRO-3 checkpoint (~848 GB: fp32 weights + Adam m, v) every ~45 min: what a crash can lose
+
 # ---- diffusion visualizer: SD-1.5 finetuned on the SigLIP tokens (Sec. 2.3, App. A.2; train_decoder.py) -----------
 # The decoder does not depend on the LLM: the same recipe as configs/8b.py (one trained decoder serves both).
 sd_path = "checkpoints/stable-diffusion-v1-5"  # its unet/ and scheduler/ are finetuned from; its vae/ is vae_path

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import data
 import estimate
 from configurator import declared_by_any_stage
 
@@ -20,12 +21,16 @@ def config_values(name):
     return values
 
 
+def dry_run(folder, name, size):
+    """The dry run from the built-in config (the folder does not exist), with the knobs of configs/<name>."""
+    path = str(folder / f"Meta-Llama-3.1-{size}-Instruct")
+    cfg = {k: v for k, v in config_values(name).items() if k in estimate.DEFAULTS}
+    return estimate.report(path, 1152, 64, cfg), cfg, estimate.llm_config(path)[0]
+
+
 @pytest.fixture(scope="module")
 def llama8b(tmp_path_factory):
-    """The 8B dry run from the built-in config (the folder does not exist), with the knobs of configs/8b.py."""
-    path = str(tmp_path_factory.mktemp("ckpt") / "Meta-Llama-3.1-8B-Instruct")
-    cfg = {k: v for k, v in config_values("8b.py").items() if k in estimate.DEFAULTS}
-    return estimate.report(path, 1152, 64, cfg), cfg, estimate.llm_config(path)[0]
+    return dry_run(tmp_path_factory.mktemp("ckpt"), "8b.py", "8B")
 
 
 def test_8b_fallback_parameter_counts(llama8b, tmp_path):
@@ -82,6 +87,32 @@ def test_hours_linear_in_tokens_and_tokens_from_the_mixture(llama8b):
     assert r["model_flops_per_token"] == pytest.approx(r["flops_per_token"] * 3 / 4)
 
 
+def test_token_cache_size_and_index_memory(llama8b):
+    r, cfg, _ = llama8b
+    per = estimate.images_per_conversation  # configs/8b.py keeps the default assumptions
+    images = sum(n * per[task] for task, n in cfg["vpit_data"].items())
+    assert r["cache_images"] == images == 7e6 + 8 * 0.5e6 + 5e6 + 2 * 0.6e6 + 8 * 0.5e6 + 2 * 0.2e6
+    assert r["cache_bytes"] == images * (64 * 1152 * 2 + estimate.CACHE_INDEX_BYTES_PER_IMAGE)  # float16 + index
+    assert r["index_bytes"] == 13_800_000 * data.INDEX_BYTES_PER_CONVERSATION  # every rank holds it
+    one_each = estimate.token_cache({"image_qa": 10, "text": 5}, {"image_qa": 1, "text": 0}, 64, 1152)
+    assert one_each == (10, 10 * (147456 + estimate.CACHE_INDEX_BYTES_PER_IMAGE))
+    with pytest.raises(ValueError, match="images_per_conversation has no count for \\['ocr'\\]"):
+        estimate.token_cache({"ocr": 1}, per, 64, 1152)
+
+
+@pytest.mark.parametrize("name,size", [("8b.py", "8B"), ("70b.py", "70B")])
+def test_cadence_follows_the_dry_run(name, size, tmp_path):
+    """Checkpoint every ~45 min and val every ~20 min of stage 2's training, and the configs hold about that."""
+    r, cfg, _ = dry_run(tmp_path, name, size)
+    assert r["steps_per_hour"] == pytest.approx(r["steps"] / r["hours"])
+    minutes = lambda steps: steps / r["steps_per_hour"] * 60
+    assert minutes(r["ckpt_interval"]) == pytest.approx(estimate.CKPT_MINUTES, rel=0.05)
+    assert minutes(r["eval_interval"]) == pytest.approx(estimate.EVAL_MINUTES, rel=0.05)
+    assert 30 <= minutes(cfg["ckpt_interval"]) <= 60 and 15 <= minutes(cfg["eval_interval"]) <= 30
+    assert r["ckpt_bytes"] == estimate.CKPT_BYTES_PER_PARAM * r["trainable_params"]
+    assert estimate.round2(1604.2) == 1600 and estimate.round2(713.0) == 710 and estimate.round2(0.3) == 1
+
+
 def test_knobs_a_stage_does_not_declare_come_from_its_config_file():
     c = estimate.settings({"config_file": os.path.join(ROOT, "configs", "8b.py"), "micro_batch_size": 2})
     assert c["gpu_count"] == 64 and c["micro_batch_size"] == 2 and c["vision_dim"] == estimate.vision_dim
@@ -107,6 +138,9 @@ def test_estimate_cli_on_8b_config():
     assert out.returncode == 0, out.stderr
     assert re.search(r"LLM 8\.0\dB", out.stdout), out.stdout
     assert "fits in 80 GB" in out.stdout and " h on 64 GPUs" in out.stdout
+    assert re.search(r"token cache: [\d.]+M images \(image_qa 7M x 1, .*\) x 64 x 1152 x 2 bytes .* TB on disk",
+                     out.stdout), out.stdout
+    assert "data index: 13.80M conversations x " in out.stdout and "ckpt_interval 1600 = 45 min" in out.stdout
     dry = subprocess.run([sys.executable, "train_vpit.py", "configs/8b.py", "--dry_run=True"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0 and re.search(r"LLM 8\.0\dB", dry.stdout), dry.stderr[-2000:]
