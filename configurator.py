@@ -7,8 +7,9 @@ which applies, in order: a config file (first argument ending in .py; configs/ti
 `--key=value` or `--key value` overrides. Values are parsed as Python literals (falling back to a plain string) and
 must have the type of the default; a list knob given plain values collects them (--image a.png --image b.png).
 A config file is shared by every stage, so it may hold keys another stage declares; a key that no stage declares is
-an error, as is an override this script does not declare. Run from the command line, such a mistake is one line on
-stderr and exit status 2; `--help` lists the script's knobs with their values and comments, and exits.
+an error, as is an override this script does not declare, or a config file that does not run (its line is named). Run
+from the command line, such a mistake is one line on stderr and exit status 2; `--help` (or -h) prints the script's
+docstring and its knobs with their values (after the config file) and comments, and exits.
 """
 import ast
 import difflib
@@ -16,6 +17,7 @@ import io
 import os
 import sys
 import tokenize
+import traceback
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
@@ -95,34 +97,62 @@ def split_args(argv):
 
 
 def comments(script):
-    """{knob: its comment} from a script's source: the `#` comment on the line where its assignment ends, and the
-    comment-only lines that go on with it (up to the next code or a `# ----` rule)."""
+    """{knob: its comment} from a script's source: the comment-only lines just above its assignment, the `#` comment on
+    the line where the assignment ends, and the comment-only lines that go on with that one's sentence (they do not
+    start a new one with a capital letter). A `# ----` rule ends a comment."""
     source = open(script).read()
-    by_line = {tok.start[0]: tok.string.lstrip("# ").rstrip() for tok in
-               tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    lines, found = source.splitlines(), {}
+    lines = source.splitlines()
+    notes = {tok.start[0]: tok.string.lstrip("# ").rstrip() for tok in
+             tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    alone = {n for n in notes if lines[n - 1].lstrip().startswith("#") and not notes[n].startswith("--")}
+    found = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            text, line = [by_line.get(node.end_lineno, "")], node.end_lineno + 1
-            while text[0] and line in by_line and lines[line - 1].lstrip().startswith("#") and \
-                    not lines[line - 1].lstrip().startswith("# --"):
-                text.append(by_line[line])
+            text, line = [notes.get(node.end_lineno, "")], node.lineno - 1
+            while line in alone:
+                text.insert(0, notes[line])
+                line -= 1
+            line = node.end_lineno + 1
+            while text[-1] and line in alone and not notes[line][:1].isupper():
+                alone.discard(line)  # taken: not a comment above the next knob
+                text.append(notes[line])
                 line += 1
             found[node.targets[0].id] = " ".join(t for t in text if t)
     return found
 
 
 def print_help(g, defaults, config_file, from_file):
-    """The script's first docstring line, how to call it, and every knob: its value now, where it came from, and its
-    comment."""
+    """The script's docstring, how to call it, and every knob: its value now, where it came from, and its comment."""
     script = g.get("__file__", sys.argv[0])
-    doc = (g.get("__doc__") or "").strip().splitlines()
-    notes = comments(script) if os.path.exists(script) else {}
-    print(f"{os.path.basename(script)}: {doc[0] if doc else ''}")
-    print(f"usage: python {os.path.basename(script)} [config.py] [--key=value ...]   (config now: {config_file})\n")
+    name, notes = os.path.basename(script), comments(script) if os.path.exists(script) else {}
+    print(f"{name}: {(g.get('__doc__') or '').strip()}\n")
+    print(f"usage: python {name} [config.py] [--key=value ...]   (config now: {os.path.relpath(config_file)})")
+    print(f"knobs, with their values now ({os.path.basename(config_file)}: set by the config file):")
     for key in defaults:
         value = f"--{key}={g[key]!r}" + (f"  ({os.path.basename(config_file)})" if key in from_file else "")
         print(f"  {value}" + (f"\n      {notes[key]}" if notes.get(key) else ""))
+
+
+def read_config(path):
+    """The knobs a config file sets, or a ConfigError naming the file and line of what went wrong in it."""
+    values = {}
+    try:
+        exec(compile(open(path).read(), path, "exec"), values)  # one namespace: a comprehension sees earlier names
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:
+        line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1]
+        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+    return knobs(values)
+
+
+def unknown_keys(keys, known, source):
+    """The ConfigError for keys nobody declares: each with its close matches among the known ones."""
+    named = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=3)
+        named.append(f"'{key}'" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return ConfigError(f"unknown config key {', '.join(named)} ({source}); `--help` lists this script's keys")
 
 
 def apply(g, argv):
@@ -133,22 +163,17 @@ def apply(g, argv):
     if not os.path.exists(config_file):
         raise ConfigError(f"config file not found: {config_file}")
     defaults = knobs(g)
-    file_values = {}
-    exec(open(config_file).read(), file_values)  # one namespace: a comprehension in the file sees its earlier names
-    file_values = knobs(file_values)
-    unknown = sorted(set(file_values) - set(defaults) - declared_by_any_stage())
+    file_values, declared = read_config(config_file), declared_by_any_stage()
+    unknown = sorted(set(file_values) - set(defaults) - declared)
     if unknown:
-        raise ConfigError(f"{config_file}: unknown config key(s) {unknown}: no stage script declares them")
+        raise unknown_keys(unknown, declared | set(defaults), f"{config_file}, in no stage script")
     for key, value in file_values.items():
         if key in defaults:
             g[key] = checked(key, value, defaults[key], config_file)
     repeated = {}
     for key, text in pairs:
         if key not in defaults:
-            close = difflib.get_close_matches(key, defaults, n=3)
-            raise ConfigError(f"unknown config key '{key}' (command line)" +
-                              (f": did you mean {' or '.join(close)}?" if close else "") +
-                              " `--help` lists this script's keys")
+            raise unknown_keys([key], defaults, "command line")
         value = text if isinstance(defaults[key], str) else parse_value(text)  # a prompt stays a string
         if isinstance(defaults[key], list) and not isinstance(value, list):  # repeatable: --image a.png --image b.png
             item = text if all(isinstance(x, str) for x in defaults[key]) else parse_value(text)

@@ -215,8 +215,10 @@ def llava_samples(args, rng, i, row):
         turns = [{"from": ROLE_ALIASES.get(t["from"], t["from"]), "value": t["value"]} for t in row["conversations"]]
     except (KeyError, TypeError) as e:
         raise Skip("not a conversation", e) from None
+    task = row.get("task", args.task)
+    if not isinstance(task, str) or not re.fullmatch(r"[\w-]+", task):  # it names the file the sample goes to
+        raise Skip("bad task", task)
     sid, paths = row_id(args, i, row), [image_path(args, p) for p in images]
-    task = row["task"] if isinstance(row.get("task"), str) and row["task"].strip() else args.task
     return paths[0] if paths else sid, [{"id": sid, "task": task, "images": paths, "conversations": turns}]
 
 
@@ -356,9 +358,12 @@ class Output:
         for task in sorted({task for _, task in self.files}):
             print(f"{task}: {self.written['train', task]} train, {self.written['val', task]} val -> "
                   f"{self.path('{train,val}', task)}")
+        print(f"skipped {self.skips()}: listed in {self.log_path}")
+
+    def skips(self):
+        """"7 of 13 rows (4 missing image, 3 empty text)": how many rows were skipped, of how many, by reason."""
         reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
-        print(f"skipped {sum(self.skipped.values())} rows" + (f" ({reasons})" if reasons else "") +
-              f": listed in {self.log_path}")
+        return f"{sum(self.skipped.values())} of {self.rows} rows" + (f" ({reasons})" if reasons else "")
 
 
 def convert(output, rows, make, image_root, decode, desc):
@@ -390,24 +395,28 @@ def parse_args(argv=None):
                                              "--out)")
     common.add_argument("--tag", default="", help="write <task>_<tag>.jsonl, so two sources of one task sit side by "
                                                   "side (list both in the mixture)")
-    common.add_argument("--val", type=float, default=0.01, help="fraction of rows for val/, by a hash of the image")
-    common.add_argument("--seed", type=int, default=1337, help="for the phrasings and the clips")
+    common.add_argument("--val", type=float, default=0.01,
+                        help="fraction of rows for val/, by a hash of the image (default: %(default)s)")
+    common.add_argument("--seed", type=int, default=1337, help="for the phrasings and the clips (default: %(default)s)")
     common.add_argument("--max_skipped", type=float, default=0.1,
-                        help="fail (exit status 2) when more than this fraction of the rows is skipped, or all are")
+                        help="fail (exit status 2) when more than this fraction of the rows is skipped, or all are "
+                             "(default: %(default)s)")
     common.add_argument("--fast", action="store_true", help="only check that images exist, do not decode them "
                                                             "(an unreadable one then stops encode.py, which names it)")
     commands = parser.add_subparsers(dest="command", required=True)
     llava = commands.add_parser("llava", parents=[common], help="LLaVA / Cambrian instruction JSON or JSONL")
-    llava.add_argument("--task", default="image_qa", help="image_qa, or caption for a caption set (LLaVA-Pretrain)")
+    llava.add_argument("--task", default="image_qa", help="the task of rows that name none: image_qa, or caption for a "
+                                                      "caption set (LLaVA-Pretrain); default: %(default)s")
     commands.add_parser("pairs", parents=[common], help="image-text pairs: a folder of x.jpg + x.txt, a TSV of "
                                                         "image<TAB>caption, or JSONL of {image, caption}")
     video = commands.add_parser("video", parents=[common], help="a folder of folders of frames at 1 fps")
     video.add_argument("--qa", help="JSONL of {video, question, answer}; video names a folder in --src")
-    video.add_argument("--qa_frames", type=int, default=16, help="most frames of a video_qa sample")
+    video.add_argument("--qa_frames", type=int, default=16,
+                       help="most frames of a video_qa sample (default: %(default)s)")
     video.add_argument("--clip_frames", type=int, nargs=2, default=[4, 8], metavar=("MIN", "MAX"),
-                       help="frames in a video_prediction clip (at least 3)")
+                       help="frames in a video_prediction clip (at least 3; default: %(default)s)")
     video.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3],
-                       help="seconds between a clip's frames, one sampled per clip (App. C.2)")
+                       help="seconds between a clip's frames, one sampled per clip (App. C.2; default: %(default)s)")
     commands.add_parser("edit", parents=[common], help="JSONL of {source, instruction, target} (InstructPix2Pix)")
     commands.add_parser("thinking", parents=[common], help="JSONL of {image, question, answer, box: [x0, y0, x1, y1] "
                                                            "in pixels}")
@@ -433,9 +442,9 @@ def main(argv=None):
         convert(output, rows, functools.partial(make, args, rng), args.image_root, not args.fast, args.command)
     output.close()
     skipped = sum(output.skipped.values())
-    if output.rows == 0 or skipped == output.rows or skipped > args.max_skipped * output.rows:
-        print(f"error: {skipped} of {output.rows} rows skipped (more than --max_skipped={args.max_skipped} of them): "
-              f"the reasons are above and each row's in {output.log_path}", file=sys.stderr)
+    if skipped == output.rows or skipped > args.max_skipped * output.rows:  # all of them, or too many
+        print(f"error: skipped {output.skips()}: all, or more than --max_skipped={args.max_skipped} of them; "
+              f"each row's reason is in {output.log_path}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -83,7 +83,7 @@ def test_llava_json_array(tmp_path, capsys):
     (src / "mix.json").write_text(json.dumps(good[:3] + bad + good[3:], indent=1))
     with pytest.raises(SystemExit) as failed:  # 7 of 13 rows skipped: more than the default, 0.1
         convert("llava", "--src", src / "mix.json", "--out", out, "--val", 0, "--max_skipped", 0.1)
-    assert failed.value.code == 2 and "error: 7 of 13 rows skipped" in capsys.readouterr().err
+    assert failed.value.code == 2 and "error: skipped 7 of 13 rows (2 placeholder mismatch, " in capsys.readouterr().err
     convert("llava", "--src", src / "mix.json", "--out", out, "--val", 0, "--max_skipped", 0.6)
     samples = {s["id"]: s for s in loaded(out, "train", "image_qa")}
     assert list(samples) == [s["id"] for s in good] and not read_jsonl(str(out / "val" / "image_qa.jsonl"))
@@ -96,7 +96,7 @@ def test_llava_json_array(tmp_path, capsys):
     assert {r["id"] for r in skip_log(out, "llava")} == {b["id"] for b in bad}
     assert all(r["where"].startswith(str(src / "mix.json")) for r in skip_log(out, "llava"))
     printed = capsys.readouterr().out
-    assert "image_qa: 6 train, 0 val" in printed and "skipped 7 rows" in printed
+    assert "image_qa: 6 train, 0 val" in printed and "skipped 7 of 13 rows (2 placeholder mismatch, " in printed
     convert("llava", "--src", src / "mix.json", "--out", out, "--val", 0, "--fast", "--tag", "fast",
             "--max_skipped", 0.6)
     assert "broken" in {s["id"] for s in read_jsonl(str(out / "train" / "image_qa_fast.jsonl"))}  # not decoded
@@ -104,23 +104,49 @@ def test_llava_json_array(tmp_path, capsys):
 
 def test_rows_in_the_projects_own_format_convert_and_all_skipped_fails(tmp_path, capsys):
     """A data_dir already in the conversation format (`images`, a list, and a task per row) goes through `llava`
-    as it is; a run that can use no row exits 2 with the reasons counted (it used to exit 0 with every row skipped)."""
+    as it is, each row to its own task's file (--task for a row that names none; a task that is not a plain name is
+    skipped: it names a file); a run that can use no row exits 2 with the reasons counted (it used to exit 0 with every
+    row skipped)."""
     rng, data, out = random.Random(0), tmp_path / "mine", tmp_path / "out"
     save(render(random_scene(rng)), str(data / "images" / "a.png"))
-    rows = [{"id": "gen", "task": "generation", "images": ["images/a.png"], "conversations": [
+    qa = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a shape"}]
+    rows = [{"id": "gen", "task": "generation_heldout", "images": ["images/a.png"], "conversations": [
                 {"from": "human", "value": "Draw it."}, {"from": "gpt", "value": "Sure: <image>"}]},
-            {"id": "qa", "task": "image_qa", "images": ["images/a.png"], "conversations": [
-                {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a shape"}]}]
+            {"id": "qa", "task": "image_qa", "images": ["images/a.png"], "conversations": qa},
+            {"id": "plain", "images": ["images/a.png"], "conversations": qa},
+            {"id": "escape", "task": "../escape", "images": ["images/a.png"], "conversations": qa},
+            {"id": "number", "task": 3, "images": ["images/a.png"], "conversations": qa}]
     write_jsonl(data / "rows.jsonl", rows)
-    convert("llava", "--src", data / "rows.jsonl", "--images", data, "--out", out, "--val", 0)
-    assert [s["id"] for s in loaded(out, "train", "generation")] == ["gen"]
+    convert("llava", "--src", data / "rows.jsonl", "--images", data, "--out", out, "--val", 0, "--task", "caption")
+    assert [s["id"] for s in loaded(out, "train", "generation_heldout")] == ["gen"]
     assert loaded(out, "train", "image_qa")[0]["images"] == ["../mine/images/a.png"]
-    write_jsonl(data / "rows.jsonl", [{**r, "images": []} for r in rows])  # every row now lacks its picture
+    assert [s["id"] for s in loaded(out, "train", "caption")] == ["plain"]
+    assert reasons(out, "llava") == ["bad task", "bad task"] and not os.path.exists(tmp_path / "escape.jsonl")
+    assert "skipped 2 of 5 rows (2 bad task)" in capsys.readouterr().out
+    write_jsonl(data / "rows.jsonl", [{**r, "images": []} for r in rows[:3]])  # every row now lacks its picture
     with pytest.raises(SystemExit) as failed:
         convert("llava", "--src", data / "rows.jsonl", "--out", out)
     captured = capsys.readouterr()
-    assert failed.value.code == 2 and "skipped 2 rows (2 placeholder mismatch)" in captured.out
-    assert "error: 2 of 2 rows skipped" in captured.err
+    assert failed.value.code == 2 and "skipped 3 of 3 rows (3 placeholder mismatch)" in captured.out
+    assert captured.err.splitlines()[-1].startswith("error: skipped 3 of 3 rows (3 placeholder mismatch): all, or")
+
+
+def test_max_skipped_is_a_fraction_of_the_rows(tmp_path, capsys):
+    """Up to --max_skipped of the rows skipped: exit 0, the counts by reason printed; more: exit 2; --help says so."""
+    rng, src, out = random.Random(0), tmp_path / "src", tmp_path / "data"
+    save(render(random_scene(rng)), str(src / "a.png"))
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                {"from": "gpt", "value": "a shape"}]}
+    write_jsonl(src / "rows.jsonl", [good] * 8 + [{**good, "image": "gone.png"}, "{oops"])
+    prepare.main(["llava", "--src", str(src / "rows.jsonl"), "--out", str(out), "--max_skipped", "0.2"])
+    printed = capsys.readouterr().out
+    assert "skipped 2 of 10 rows (1 missing image, 1 malformed JSON)" in printed
+    with pytest.raises(SystemExit) as failed:
+        prepare.main(["llava", "--src", str(src / "rows.jsonl"), "--out", str(out), "--max_skipped", "0.19"])
+    assert failed.value.code == 2 and "error: skipped 2 of 10 rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as shown:
+        prepare.parse_args(["llava", "--help"])
+    assert shown.value.code == 0 and "--max_skipped" in capsys.readouterr().out
 
 
 def test_llava_jsonl_as_captions_with_image_root_and_tag(tmp_path):
@@ -291,7 +317,8 @@ def test_an_image_lands_in_one_split_however_its_sources_name_it(tmp_path):
     pairs = pictures_with_captions(src / "coco", 40)
     names = [os.path.basename(p) for p, _ in pairs]
     write_jsonl(src / "llava.jsonl", [{"id": n, "image": f"coco/{n}", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": t}]} for n, (_, t) in zip(names, pairs)])
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": t}]}
+        for n, (_, t) in zip(names, pairs)])
     (src / "coco" / "pairs.tsv").write_text("".join(f"./{n}\t{t}\n" for n, (_, t) in zip(names, pairs)))
     convert("llava", "--src", src / "llava.jsonl", "--images", src, "--out", out, "--val", 0.3)
     convert("pairs", "--src", src / "coco" / "pairs.tsv", "--out", out, "--val", 0.3)
