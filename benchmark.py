@@ -221,9 +221,7 @@ def fake_token_cache(tokens_dir, paths, images):
     tokens = torch.randn(images, num_visual_tokens, 1152, generator=torch.Generator().manual_seed(seed))
     shard = "shard-r000-00000.safetensors"
     save_file({"tokens": F.normalize(tokens, dim=-1).half()}, os.path.join(tokens_dir, shard))
-    hashes = np.fromiter((encode.path_hash(p) for p in paths), np.uint64, len(paths))
-    locations = np.stack([np.zeros(len(paths), np.int64), np.arange(len(paths)) % images], 1)
-    encode.write_index(tokens_dir, [shard], hashes, locations, 1152)
+    encode.write_index(tokens_dir, [shard], paths, np.zeros(len(paths), np.int32), np.arange(len(paths)) % images, 1152)
 
 
 def cached(folder, spec, make):

@@ -6,8 +6,8 @@ The whole job, one command: every stage in order, each skipped when its artefact
     python pipeline.py --force=train_vpit.py   # run one stage again (and so the stages after it)
 
 Stages run as their own processes (`python <stage> <config>`), exactly as a person would type them, so their progress
-bars and messages show; `launcher` puts e.g. torchrun in front of the training stages on a GPU machine. At the end it
-prints the eval report and makes a few sample PNGs with sample.py.
+bars and messages show; `launcher` puts e.g. torchrun in front of encode.py and the training stages on a GPU machine.
+At the end it prints the eval report and makes a few sample PNGs with sample.py.
 """
 import os
 import shlex
@@ -21,7 +21,7 @@ data_dir = "data/toy"
 out_dir = "out/tiny"
 llm_path = "out/tiny/base/llm"
 toy_world = True  # False for real data: the world and the stand-ins are not made, they must exist
-launcher = ""  # put before the training stages, e.g. "torchrun --nproc_per_node=8"
+launcher = ""  # put before encode.py and the training stages, e.g. "torchrun --nproc_per_node=8"
 force = ""  # a stage to run again even if its artefact exists (and every stage after it)
 # A few sample.py runs at the end: (prompt, input image relative to data_dir or ""): a generation, a question about an
 # image, an edit and a visual-thinking prompt (the images are toy val pictures the model never trained on).
@@ -41,8 +41,8 @@ def stages():
     toy = [("toyworld.py", os.path.join(data_dir, "corpus.txt"), False, []),
            ("pretrain_tiny.py", os.path.join(base, "pretrain_report.json"), False, [])] if toy_world else []
     # encode.py always runs: it encodes only what no shard holds yet (a killed run leaves its shards), in seconds when
-    # nothing is missing
-    return toy + [("encode.py", None, False, [out("tokens")]),
+    # nothing is missing; under the launcher its ranks split the images
+    return toy + [("encode.py", None, True, [out("tokens")]),
                   ("train_adapter.py", out("adapter", "metamorph.json"), True, [out("ckpt", "adapter")]),
                   ("train_vpit.py", out("vpit", "metamorph.json"), True,
                    [out("vpit_lead_in"), out("ckpt", "vpit_lead_in"), out("ckpt", "vpit")]),

@@ -14,6 +14,7 @@ from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, Siglip
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import encode  # noqa: E402
+from conftest import run  # noqa: E402
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
                    patch_size=4)  # the stand-in's geometry: 64 / 4 = a 16x16 patch grid
@@ -254,25 +255,20 @@ def test_bad_images_raise_or_are_skipped(tiny_tower, tmp_path, monkeypatch, caps
     assert cache["images/b.png"].shape == (64, 32)
 
 
-def test_two_ranks_encode_the_same_tokens_as_one(tiny_tower, tmp_path):
+def test_two_ranks_encode_the_micro_world_as_one_does(micro, tmp_path, monkeypatch, capsys):
     """torchrun splits the images across the ranks, each writing its own shards; rank 0 indexes them all."""
-    data = str(tmp_path / "data")
-    names = [f"images/{i}.png" for i in range(7)]
-    make_world(data, names)
-    common = [f"--data_dir={data}", f"--siglip_path={tiny_tower}", "--device=cpu", "--dtype=float32",
-              "--encode_shard_size=2", "--encode_batch_size=2"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, "encode.py", f"--out_dir={one}", *common], cwd=ROOT, check=True,
-                   capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "encode.py", f"--out_dir={two}", *common], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "encoded 7 images" in result.stdout and "on 2 ranks" in result.stdout
+    common = dict(data_dir=micro["data_dir"], siglip_path=os.path.join(micro["base"], "siglip"), device="cpu",
+                  dtype="float32", encode_shard_size=16)  # float32: bf16 rounds batch-dependently, past 1e-3
+    run_main(monkeypatch, capsys, out_dir=one, **common)
+    result = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "encode.py",
+                 f"--out_dir={two}", *(f"--{k}={v}" for k, v in common.items()), env={"OMP_NUM_THREADS": "1"},
+                 timeout=300)
     a, b = encode.TokenCache(os.path.join(one, "tokens")), encode.TokenCache(os.path.join(two, "tokens"))
-    assert {s[:len("shard-r000")] for s in b.shards} == {"shard-r000", "shard-r001"} and len(b) == len(a) == 7
-    for name in names:
-        assert torch.allclose(a[name], b[name], atol=1e-3)
+    assert f"encoded {len(a)} images" in result.stdout and "on 2 ranks" in result.stdout
+    assert {s[:len("shard-r000")] for s in b.shards} == {"shard-r000", "shard-r001"} and len(a) == len(b) > 100
+    paths = encode.image_paths(micro["data_dir"])
+    assert len(paths) == len(a) and torch.allclose(a.get_many(paths), b.get_many(paths), atol=1e-3)
 
 
 def test_a_killed_run_keeps_its_whole_shards_and_encodes_the_rest(tiny_tower, tmp_path, monkeypatch, capsys):
@@ -294,7 +290,7 @@ def test_a_killed_run_keeps_its_whole_shards_and_encodes_the_rest(tiny_tower, tm
         assert torch.allclose(cache[name], direct_tokens(tiny_tower, os.path.join(data, name)), atol=1e-3, rtol=1e-2)
 
 
-def test_index_lookups_duplicates_and_workers(tmp_path):
+def test_index_lookups_duplicates_and_workers(tmp_path, monkeypatch):
     folder = str(tmp_path / "cache")
     encode.check_meta(folder, "tower", 4)
     paths = [f"images/{i}.png" for i in range(1000)]
@@ -306,10 +302,19 @@ def test_index_lookups_duplicates_and_workers(tmp_path):
     cache = encode.TokenCache(folder)
     assert len(cache) == 1000 and cache.dim == 3 and cache.shards[0] == "shard-r001-00000.safetensors"
     assert all(cache[p][0, 0] == 37 * i for i, p in enumerate(paths[::37]))
-    assert "images/1000.png" not in cache
+    assert cache.get_many(paths[::-1])[:, 0, 0].tolist() == list(range(999, -1, -1))
+    assert "images/1000.png" not in cache and cache.get_many([]).shape == (0, 4, 3)
+    with pytest.raises(KeyError, match=r"images/1000\.png"):
+        cache.get_many(["images/1.png", "images/1000.png"])
     clone = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker gets: the index mapped again, not copied
     assert len(pickle.dumps(cache)) < 1000 and torch.equal(clone["images/999.png"], cache["images/999.png"])
     assert encode.open_token_cache(folder) is encode.open_token_cache(folder)
-    hashes = np.array([encode.path_hash(p) for p in ("a", "b", "a")], np.uint64)
-    with pytest.raises(ValueError, match="share a 64-bit key"):
-        encode.write_index(folder, ["x"], hashes, np.zeros((3, 2)), 3)
+
+    np.save(os.path.join(folder, encode.LOCATIONS), np.zeros((999, 2), np.int32))  # a kill inside write_index
+    with pytest.raises(ValueError, match="half-written.*encode.py"):
+        encode.TokenCache(folder)
+    with pytest.raises(ValueError, match=r"images/7\.png is in both x and y"):
+        encode.write_index(folder, ["x", "y"], ["images/7.png", "a", "images/7.png"], [0, 0, 1], [0, 1, 0], 3)
+    monkeypatch.setattr(encode, "path_hash", lambda path: len(path))
+    with pytest.raises(ValueError, match=r"images/1\.png and images/2\.png \(a hash collision\)"):
+        encode.write_index(folder, ["x"], ["images/1.png", "images/22.png", "images/2.png"], [0, 0, 0], [0, 1, 2], 3)
