@@ -40,7 +40,7 @@ from model import IMAGE, IMAGE_END, IMAGE_START, MetaMorph, build_sample
 what = "batching"
 data_dir = "data/toy"
 out_dir = "out/tiny"
-llm_path = "out/tiny/base/llm"
+llm_path = "toy/base/llm"
 num_visual_tokens = 64
 vpit_data = {"image_qa": 512, "video_qa": 128, "generation": 256, "image_edit": 128, "video_prediction": 128,
              "visual_thinking": 128}

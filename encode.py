@@ -42,7 +42,7 @@ from model import wants_bf16
 data_dir = "data/toy"  # conversation JSONL under data_dir/train/*.jsonl and data_dir/val/*.jsonl
 image_root = ""  # image paths in the JSONL are relative to this; "" means data_dir
 out_dir = "out/tiny"  # cache goes to out_dir/tokens/
-siglip_path = "out/tiny/base/siglip"  # a local folder: our stand-in SiglipModel, or google/siglip-so400m-patch14-384
+siglip_path = "toy/base/siglip"  # a local folder: our stand-in SiglipModel, or google/siglip-so400m-patch14-384
 num_visual_tokens = 64  # PAPER Sec. 2: 8x8
 encode_batch_size = 64
 encode_shard_size = 4096  # images per safetensors shard

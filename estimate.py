@@ -17,8 +17,8 @@ from data import INDEX_BYTES_PER_CONVERSATION
 from model import mlp
 
 # ---------------------------------------------------------------------------------------------------------------------
-llm_path = "out/tiny/base/llm"
-siglip_path = "out/tiny/base/siglip"  # read for the vision width when present, else vision_dim
+llm_path = "toy/base/llm"
+siglip_path = "toy/base/siglip"  # read for the vision width when present, else vision_dim
 vision_dim = 1152  # SigLIP so400m width (PAPER.md Sec. 2)
 num_visual_tokens = 64
 gpu_count = 8

@@ -30,14 +30,15 @@ from tqdm import tqdm
 import toyworld
 from data import read_jsonl
 from encode import TokenCache, image_tokens, load_image, load_vision_tower
-from model import IMAGE, MetaMorph, build_sample, collate
+from model import IMAGE, MetaMorph, build_sample, collate, trained_run
 from visualizer import decode_tokens, load_visualizer
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
 out_dir = "out/tiny"  # reads out_dir/vpit, out_dir/decoder and out_dir/tokens; writes out_dir/eval
-siglip_path = "out/tiny/base/siglip"
-vae_path = "out/tiny/base/vae"
+shipped_run = "toy/run"  # used when out_dir holds no trained model (as in sample.py; "": none)
+siglip_path = "toy/base/siglip"
+vae_path = "toy/base/vae"
 num_visual_tokens = 64
 # val samples per task; the toy world's sets: a set whose val file data_dir lacks is left out, with a note
 eval_understanding = {"image_qa": 200, "video_qa": 100, "visual_thinking": 64}
@@ -187,13 +188,17 @@ def accuracy_by(kinds, scored):
 
 
 def understanding(model, cache, dev, sets):
-    """Per task of sets (task -> samples): accuracy over all questions and per question type."""
+    """Per task of sets (task -> samples): accuracy over all questions, over each conversation's first question, and
+    per question type."""
     report = {}
     for task, n in sets.items():
         samples = read_jsonl(val_file(task))[:n]
         items = questions(task, samples)
-        accuracy, by_type = accuracy_by([qtype for *_, qtype in items], answer_all(model, cache, items, dev))
-        report[task] = {"accuracy": accuracy, "questions": len(items), "by_type": by_type}
+        scored = answer_all(model, cache, items, dev)
+        accuracy, by_type = accuracy_by([qtype for *_, qtype in items], scored)
+        first = [right for (conv, *_), (_, right) in zip(items, scored) if len(conv) == 1]
+        report[task] = {"accuracy": accuracy, "first_turn": float(np.mean(first)), "questions": len(items),
+                        "by_type": by_type}
     return report
 
 
@@ -426,15 +431,16 @@ def cell(metrics, key, show, count):
 
 
 def markdown(results):
-    lines = ["# Evaluation", "", f"Run: `{out_dir}`. Understanding: greedy answers on val; generation: decoder "
+    lines = ["# Evaluation", "", f"Run: `{results['run']}`. Understanding: greedy answers on val; generation: decoder "
              f"with {decoder_sample_steps} DDIM steps, guidance {decoder_guidance}."]
     lines += [""] + [f"- {note}" for note in results["left_out"]] if results["left_out"] else []
     if results["understanding"]:
-        lines += ["", "## Understanding", "", "| task | questions | accuracy | by question type |",
-                  "| --- | --- | --- | --- |"]
+        lines += ["", "## Understanding", "", "| task | questions | accuracy | first turn | by question type |",
+                  "| --- | --- | --- | --- | --- |"]
     for task, r in results["understanding"].items():
         types = ", ".join(f"{t} {100 * v:.0f}%" for t, v in r["by_type"].items())
-        lines.append(f"| {task} | {r['questions']} | {100 * r['accuracy']:.1f}% | {types} |")
+        lines.append(f"| {task} | {r['questions']} | {100 * r['accuracy']:.1f}% | {100 * r['first_turn']:.1f}% "
+                     f"| {types} |")
     if "benchmark" in results:
         b = results["benchmark"]
         lines += ["", f"Benchmark file `{b['file']}`: {100 * b['accuracy']:.1f}% of {b['questions']} questions."]
@@ -470,20 +476,18 @@ def main():
     understand, draw, left_out = sets_in_data()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     torch.manual_seed(seed)
-    path = os.path.join(out_dir, "vpit")
-    if not os.path.exists(os.path.join(path, "metamorph.json")):
-        raise FileNotFoundError(f"no trained model at {path}: run `python train_adapter.py && python train_vpit.py`")
-    model = MetaMorph.from_pretrained(path).to(dev).eval()
+    run = trained_run(out_dir, shipped_run)
+    model = MetaMorph.from_pretrained(os.path.join(run, "vpit")).to(dev).eval()
     tokens = TokenCache(os.path.join(out_dir, "tokens"))
     cache = lambda paths: tokens.get_many(paths).flatten(0, 1).float()
     tower, processor = load_vision_tower(siglip_path)
     tower.to(dev)
-    results = {"left_out": left_out, "understanding": understanding(model, cache, dev, understand)}
+    results = {"run": run, "left_out": left_out, "understanding": understanding(model, cache, dev, understand)}
     if benchmark_file:
         results["benchmark"] = run_benchmark_file(model, tower, processor, dev)
     results["generation"], grid = {}, []
     if draw:
-        visualizer = load_visualizer(os.path.join(out_dir, "decoder"), vae_path, dev)
+        visualizer = load_visualizer(os.path.join(run, "decoder"), vae_path, dev)
         results["generation"], grid = generation(model, visualizer, cache, Judges(tower, processor, dev), dev, draw)
     eval_dir = os.path.join(out_dir, "eval")
     os.makedirs(eval_dir, exist_ok=True)

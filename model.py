@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,18 @@ def save_atomically(save, path):
         os.replace(path, old)  # two renames: no moment without a complete folder but the instant between them
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def trained_run(out_dir, shipped_run=""):
+    """The run sample.py and eval.py use: out_dir when it holds a trained model (vpit/), else the shipped toy run
+    (shipped_run, "" for none); says so on stderr when it is the shipped one."""
+    for path in (out_dir, shipped_run):
+        if path and os.path.exists(os.path.join(path, "vpit", "metamorph.json")):
+            if path != out_dir:
+                print(f"no trained model in {out_dir}: using the shipped toy run in {path}", file=sys.stderr)
+            return path
+    raise FileNotFoundError(f"no trained model at {os.path.join(out_dir, 'vpit')}: run `python train_adapter.py && "
+                            "python train_vpit.py` (with your config file)")
 
 
 def whole(params):

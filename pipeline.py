@@ -19,7 +19,7 @@ import time
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
 out_dir = "out/tiny"
-llm_path = "out/tiny/base/llm"
+llm_path = "toy/base/llm"
 toy_world = True  # False for real data: the world and the stand-ins are not made, they must exist
 launcher = ""  # put before encode.py and the training stages, e.g. "torchrun --nproc_per_node=8"
 force = ""  # a stage to run again even if its artefact exists (and every stage after it)

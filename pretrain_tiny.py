@@ -17,17 +17,17 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import toyworld
-from model import save_atomically, wants_bf16
+from model import IGNORE, build_sample, save_atomically, wants_bf16
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
-siglip_path = "out/tiny/base/siglip"
-llm_path = "out/tiny/base/llm"
-vae_path = "out/tiny/base/vae"
+siglip_path = "toy/base/siglip"  # the shipped stand-ins: remove toy/base to make them again
+llm_path = "toy/base/llm"
+vae_path = "toy/base/vae"
 seed = 1337
 dtype = "auto"  # "auto": bf16 autocast for the SigLIP and VAE steps where the CPU has AMX bf16, else fp32
 # SigLIP stand-in
@@ -42,16 +42,18 @@ vocab_size = 1024
 llm_width = 192
 llm_layers = 4
 llm_heads = 6
-llm_block = 128
-llm_steps = 400
-llm_batch = 32
-llm_lr = 2e-3
+llm_block = 256
+llm_steps = 5000
+llm_batch = 16
+llm_lr = 1e-3
+llm_eval_interval = 500  # steps between text-only val scores on the progress bar
 # VAE stand-in
 vae_channels = [16, 32, 32]
 vae_steps = 1000
 vae_batch = 16
 vae_lr = 1e-3
 vae_kl_weight = 1e-6
+wide_share = 0.25  # of SigLIP's and the VAE's training pictures: pictures beyond the toy world (wide_picture)
 # ---------------------------------------------------------------------------------------------------------------------
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -84,7 +86,11 @@ def read_conversations(split, task):
 
 
 # ---- LLM: tokenizer + LlamaForCausalLM ------------------------------------------------------------------------------
-def train_tokenizer(corpus_path, size):
+# The prior the paper relies on (Sec. 2: VPiT starts from a pretrained instruction-tuned LLM): plain sentences
+# (captions, facts) and text-only conversations (text/train.jsonl: scenes in words with questions answered from the
+# words, frames of a video in words, keyed copying, the facts as questions, riddles said plainly), in the chat format
+# stage 2 uses, with the loss on the replies as in instruction tuning.
+def train_tokenizer(texts, size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -93,15 +99,40 @@ def train_tokenizer(corpus_path, size):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([corpus_path], trainer)
+    tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
-def corpus_blocks(tokenizer, lines, block):
-    """Lines, each after a document separator, concatenated and cut into (n, block) token blocks."""
-    ids = [i for line in lines for i in [tokenizer.bos_token_id] + tokenizer(line)["input_ids"]]
-    return torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+def text_conversations(split):
+    with open(os.path.join(data_dir, "text", f"{split}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def documents(tokenizer, lines, conversations):
+    """(ids, labels) of every document: a plain line is all target; a conversation, only its replies (build_sample,
+    the tokenization stage 2 uses)."""
+    docs = [(ids, ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+    for c in tqdm(conversations, desc="tokenizing conversations", mininterval=5):
+        sample = build_sample(tokenizer, c["conversations"], 0)
+        docs.append((sample["input_ids"].tolist(), sample["labels"].tolist()))
+    return docs
+
+
+def pack(docs, block, bos, rng):
+    """Documents in a random order, each after a separator, packed whole into (n, block) blocks (one longer than a
+    block is cut); (input_ids, labels) with the unused tail padded and ignored."""
+    blocks, ids, labels = [], [], []
+    padded = lambda ids, labels: (ids + [bos] * (block - len(ids)), labels + [IGNORE] * (block - len(ids)))
+    for i in rng.sample(range(len(docs)), len(docs)):
+        d_ids, d_labels = [bos] + docs[i][0][:block - 1], [IGNORE] + docs[i][1][:block - 1]
+        if len(ids) + len(d_ids) > block:
+            blocks.append(padded(ids, labels))
+            ids, labels = [], []
+        ids, labels = ids + d_ids, labels + d_labels
+    blocks.append(padded(ids, labels))
+    ids_t, labels_t = zip(*blocks)
+    return torch.tensor(ids_t), torch.tensor(labels_t)
 
 
 @torch.no_grad()
@@ -119,9 +150,28 @@ def fact_recall(model, tokenizer):
 
 
 @torch.no_grad()
+def text_accuracy(model, tokenizer, conversations, limit=None):
+    """Per task of the val conversations: the fraction of first replies the model gives greedily and exactly, from
+    the words alone (scene_qa is the skill image_qa needs, before any image is seen)."""
+    model.eval()
+    right, total = {}, {}
+    for c in conversations:
+        if limit and total.get(c["task"], 0) >= limit:
+            continue
+        prompt = build_sample(tokenizer, c["conversations"][:1], 0, add_generation_prompt=True)["input_ids"]
+        out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=32,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        reply = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+        right[c["task"]] = right.get(c["task"], 0) + (reply == c["conversations"][1]["value"])
+        total[c["task"]] = total.get(c["task"], 0) + 1
+    return {task: right[task] / total[task] for task in total}
+
+
+@torch.no_grad()
 def perplexity(model, tokenizer, lines):
     model.eval()
-    blocks = corpus_blocks(tokenizer, lines, llm_block)
+    ids = [i for line in lines for i in [tokenizer.bos_token_id] + tokenizer(line)["input_ids"]]
+    blocks = torch.tensor(ids[: len(ids) // llm_block * llm_block]).view(-1, llm_block)
     losses = [model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks]
     return math.exp(sum(losses) / len(losses))
 
@@ -129,36 +179,86 @@ def perplexity(model, tokenizer, lines):
 def pretrain_llm():
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    corpus = os.path.join(data_dir, "corpus.txt")
+    val = text_conversations("val")
     if not os.path.exists(llm_path):
-        tokenizer = train_tokenizer(corpus, vocab_size)
+        lines = open(os.path.join(data_dir, "corpus.txt")).read().splitlines()
+        conversations = text_conversations("train")
+        tokenizer = train_tokenizer(lines + [t["value"] for c in conversations for t in c["conversations"]] +
+                                    ["user", "assistant", "system"], vocab_size)
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=llm_width, intermediate_size=llm_width * 8 // 3,
                              num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=llm_heads,
                              max_position_embeddings=2048, tie_word_embeddings=True,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         model = LlamaForCausalLM(config)
-        blocks = corpus_blocks(tokenizer, open(corpus).read().splitlines(), llm_block)
+        docs = documents(tokenizer, lines, conversations)
+        rng = random.Random(f"{seed}-llm")
+        ids, labels = pack(docs, llm_block, tokenizer.bos_token_id, rng)
         print(f"LLM stand-in: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"vocab {len(tokenizer)}, corpus {blocks.numel() / 1e3:.0f}k tokens")
+              f"vocab {len(tokenizer)}, {len(docs)} documents in {len(ids)} blocks of {llm_block} "
+              f"({(labels != IGNORE).sum().item() / 1e6:.1f}M target tokens)")
 
         def loss_fn(step):
+            if step and step % llm_eval_interval == 0:
+                tqdm.write(f"step {step}: text-only val first replies {text_accuracy(model, tokenizer, val, 32)}")
             model.train()
-            batch = blocks[torch.randint(len(blocks), (llm_batch,))]
-            return model(input_ids=batch, labels=batch).loss
+            i = torch.randint(len(ids), (llm_batch,))
+            return model(input_ids=ids[i], labels=labels[i]).loss
 
         train(list(model.parameters()), loss_fn, llm_steps, llm_lr, "LLM stand-in")
         save_atomically(lambda p: (model.save_pretrained(p), tokenizer.save_pretrained(p)), llm_path)
     model, tokenizer = LlamaForCausalLM.from_pretrained(llm_path), AutoTokenizer.from_pretrained(llm_path)
     val_text = [c["conversations"][1]["value"] for c in read_conversations("val", "caption")]
     return {"llm_val_perplexity": perplexity(model, tokenizer, val_text),
-            "llm_fact_recall": fact_recall(model, tokenizer)}
+            "llm_fact_recall": fact_recall(model, tokenizer),
+            **{f"llm_text_{task}": acc for task, acc in text_accuracy(model, tokenizer, val).items()}}
+
+
+# ---- pictures beyond the toy world ------------------------------------------------------------------------------------
+# Real SigLIP and VAE keep every colour of every picture; stand-ins that saw only the toy's six colours on white turn a
+# user's greyscale photos green and purple (README, "Your own data"). So a share of their training pictures are these.
+WIDE_COLOURS = {**toyworld.COLOURS, "black": (20, 20, 20), "dark grey": (80, 80, 80), "grey": (128, 128, 128),
+                "light grey": (190, 190, 190), "white": (250, 250, 250), "brown": (120, 72, 30),
+                "pink": (240, 140, 180), "cyan": (40, 200, 210), "navy": (20, 30, 100), "olive": (110, 120, 30)}
+
+
+def colour_name(rgb):
+    return min(WIDE_COLOURS, key=lambda k: sum((a - b) ** 2 for a, b in zip(WIDE_COLOURS[k], rgb)))
+
+
+def random_colour(rng):
+    if rng.random() < 0.3:  # greys: the colours of a greyscale photo
+        return (rng.randrange(256),) * 3
+    return tuple(rng.randrange(256) for _ in range(3))
+
+
+def wide_picture(rng):
+    """(picture, caption): one to four shapes of any colour and size anywhere, on any background."""
+    background = (255, 255, 255) if rng.random() < 0.3 else random_colour(rng)
+    img = Image.new("RGB", (toyworld.SIZE, toyworld.SIZE), background)
+    draw, parts = ImageDraw.Draw(img), []
+    for _ in range(rng.randint(1, 4)):
+        shape, fill, h = rng.choice(toyworld.SHAPES), random_colour(rng), rng.randint(3, 16)
+        x, y = rng.randint(0, toyworld.SIZE), rng.randint(0, toyworld.SIZE)
+        box = [x - h, y - h, x + h, y + h]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], fill=fill)
+        parts.append(f"{toyworld.article(colour_name(fill))} {colour_name(fill)} {shape}")
+    return img, f"{toyworld.listing(parts)} on {toyworld.article(colour_name(background))} " \
+                f"{colour_name(background)} background"
 
 
 # ---- SigLIP: sigmoid loss on caption pairs --------------------------------------------------------------------------
 def caption_pairs(rng, n):
-    scenes = [toyworld.random_scene(rng) for _ in range(n)]
-    return [toyworld.render(s) for s in scenes], [toyworld.caption(rng, s) for s in scenes]
+    """n (picture, caption) pairs: toy train scenes, and a wide_share of wide pictures."""
+    wide = [wide_picture(rng) for _ in range(round(n * wide_share))]
+    scenes = [toyworld.random_train_scene(rng) for _ in range(n - len(wide))]
+    return [toyworld.render(s) for s in scenes] + [img for img, _ in wide], \
+        [toyworld.caption(rng, s) for s in scenes] + [text for _, text in wide]
 
 
 def embed(model, tokenizer, processor, images, texts):
@@ -168,17 +268,23 @@ def embed(model, tokenizer, processor, images, texts):
     return model(input_ids=ids, pixel_values=pixels, return_loss=True)
 
 
+def val_pairs():
+    """(pictures, captions) of the toy world's val captions, and of wide pictures never trained on."""
+    toy = [(Image.open(os.path.join(data_dir, c["images"][0])).convert("RGB"), c["conversations"][1]["value"])
+           for c in read_conversations("val", "caption")]
+    rng = random.Random(f"{seed}-wide-val")
+    return {"toy": toy, "wide": [wide_picture(rng) for _ in range(len(toy))]}
+
+
 @torch.no_grad()
-def retrieval_accuracy(model, tokenizer, processor, candidates=32):
-    """Val caption -> image top-1 among groups of `candidates` images with distinct captions."""
+def retrieval_accuracy(model, tokenizer, processor, pairs, candidates=32):
+    """Caption -> picture top-1 among groups of `candidates` pictures with distinct captions."""
     model.eval()
-    val = read_conversations("val", "caption")
     seen, images, texts = set(), [], []
-    for c in val:
-        text = c["conversations"][1]["value"]
+    for image, text in pairs:
         if text not in seen:
             seen.add(text)
-            images.append(Image.open(os.path.join(data_dir, c["images"][0])).convert("RGB"))
+            images.append(image)
             texts.append(text)
     candidates, right, total = min(candidates, len(texts)), 0, 0  # (micro worlds in tests have fewer)
     for i in range(0, len(texts) - candidates + 1, candidates):
@@ -221,16 +327,24 @@ def pretrain_siglip():
                                    processor.save_pretrained(p)), siglip_path)
     model = SiglipModel.from_pretrained(siglip_path)
     tokenizer, processor = AutoTokenizer.from_pretrained(siglip_path), SiglipImageProcessorPil.from_pretrained(siglip_path)
-    return {"siglip_retrieval_top1_of_32": retrieval_accuracy(model, tokenizer, processor)}
+    return {f"siglip_{kind}_retrieval_top1_of_32": retrieval_accuracy(model, tokenizer, processor, pairs)
+            for kind, pairs in val_pairs().items()}
 
 
 # ---- VAE: AutoencoderKL on toy images --------------------------------------------------------------------------------
+def to_pixels(images):
+    arrays = np.stack([np.asarray(img.convert("RGB")) for img in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1  # in [-1, 1]
+
+
 def load_pixels(split, limit):
-    """Up to `limit` images of every kind the toy world draws (scenes, video frames, zoomed crops), in [-1, 1]."""
+    """Up to `limit` images of every kind the toy world draws (scenes, video frames, zoomed crops), and a wide_share
+    of wide pictures."""
     paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(data_dir, "images", split)) for f in fs)
     paths = random.Random(seed).sample(paths, min(limit, len(paths)))
-    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rng = random.Random(f"{seed}-wide-{split}")
+    wide = [wide_picture(rng)[0] for _ in range(round(len(paths) * wide_share / (1 - wide_share)))]
+    return to_pixels([Image.open(p) for p in paths] + wide)
 
 
 @torch.no_grad()
@@ -244,7 +358,8 @@ def psnr(vae, pixels):
 def pretrain_vae():
     from diffusers import AutoencoderKL
 
-    val = load_pixels("val", 512)
+    rng = random.Random(f"{seed}-wide-val")
+    val = {"toy": load_pixels("val", 512)[:512], "wide": to_pixels([wide_picture(rng)[0] for _ in range(256)])}
     if not os.path.exists(vae_path):
         n = len(vae_channels)
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
@@ -265,7 +380,8 @@ def pretrain_vae():
             std = vae.encode(pixels[:512]).latent_dist.mean.std().item()
         vae.register_to_config(scaling_factor=1.0 / std)
         save_atomically(vae.save_pretrained, vae_path)
-    return {"vae_val_psnr_db": psnr(AutoencoderKL.from_pretrained(vae_path), val)}
+    vae = AutoencoderKL.from_pretrained(vae_path)
+    return {f"vae_{kind}_val_psnr_db": psnr(vae, pixels) for kind, pixels in val.items()}
 
 
 def main():

@@ -17,13 +17,14 @@ import os
 import torch
 
 from encode import image_tokens, load_image, load_vision_tower
-from model import IMAGE, MetaMorph, build_sample, encode_text
+from model import IMAGE, MetaMorph, build_sample, encode_text, trained_run
 from visualizer import decode_tokens, load_visualizer
 
 # ---------------------------------------------------------------------------------------------------------------------
 out_dir = "out/tiny"  # the run: reads out_dir/vpit and out_dir/decoder, writes out_dir/samples
-siglip_path = "out/tiny/base/siglip"  # encodes --image inputs
-vae_path = "out/tiny/base/vae"
+shipped_run = "toy/run"  # used when out_dir holds no trained model: the finished toy run the repo ships ("": none)
+siglip_path = "toy/base/siglip"  # encodes --image inputs
+vae_path = "toy/base/vae"
 num_visual_tokens = 64
 max_seq_len = 1024  # prompt + reply, the whole chat in --chat mode
 prompt = ""
@@ -40,12 +41,8 @@ device = "auto"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_model(dev):
-    path = os.path.join(out_dir, "vpit")
-    if not os.path.exists(os.path.join(path, "metamorph.json")):
-        raise FileNotFoundError(f"no trained model at {path}: make it with `python train_adapter.py && python "
-                                "train_vpit.py` (add your config file to both)")
-    return MetaMorph.from_pretrained(path).to(dev).eval()
+def load_model(run, dev):
+    return MetaMorph.from_pretrained(os.path.join(run, "vpit")).to(dev).eval()
 
 
 def with_placeholders(text, n_images):
@@ -75,10 +72,11 @@ class Session:
 
     def __init__(self, dev):
         self.dev = dev
-        self.model = load_model(dev)
+        run = trained_run(out_dir, shipped_run)
+        self.model = load_model(run, dev)
         self.tower, self.processor = load_vision_tower(siglip_path)
         self.tower.to(dev)
-        self.visualizer = load_visualizer(os.path.join(out_dir, "decoder"), vae_path, dev)
+        self.visualizer = load_visualizer(os.path.join(run, "decoder"), vae_path, dev)
         self.cache, self.saved = None, 0
         self.generator = torch.Generator(dev).manual_seed(seed)
         self.out = samples_dir or os.path.join(out_dir, "samples")

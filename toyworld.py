@@ -2,15 +2,17 @@
 The toy world: 64x64 pictures of flat shapes, and every data category of MetaMorph (PAPER.md Sec. 2.2, App. C) written
 as instruction-tuning conversations, plus a text corpus for the stand-in LLM and a scene reader for evaluation.
 
-    python toyworld.py                      # -> data/toy/{images/, train/<task>.jsonl, val/<task>.jsonl, corpus.txt}
+    python toyworld.py     # -> data/toy/{images/, train/<task>.jsonl, val/<task>.jsonl, text/*.jsonl, corpus.txt}
 
 Same seed, byte-identical output. A scene is a list of objects {shape, colour, size, x, y}; grid scenes put each object
-at the centre of one cell of a 3x3 grid.
+at the centre of one cell of a 3x3 grid. Every scene is a train scene or a val scene (is_val_scene): no val picture,
+and no val scene in words, is ever seen in training.
 """
 import json
 import os
 import random
 import shutil
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,6 +28,11 @@ toy_val = {"caption": 200, "image_qa": 400, "video_qa": 200, "generation": 200, 
 toy_heldout_val = 200  # samples in each held-out file: generation_heldout.jsonl, generation_riddle.jsonl
 toy_corpus_captions = 8000  # caption sentences in corpus.txt
 toy_fact_repeats = 50  # copies of each fact and sum in corpus.txt, so the stand-in LLM knows them by heart
+# Text-only conversations for the stand-in LLM's pretraining (text/train.jsonl): the prior a real LLM brings to VPiT,
+# reading an answer out of its context (Sec. 2: the method starts from a pretrained instruction-tuned LLM)
+toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "facts": 3000, "riddle": 4000}
+toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100}  # text/val.jsonl: scored by pretrain_tiny.py
+val_share = 8  # one scene in val_share is a val scene (by a hash of its description)
 # ---------------------------------------------------------------------------------------------------------------------
 
 SIZE = 64
@@ -129,6 +136,26 @@ def compare_scenes(target, read):
 
 
 # ---- scenes and their language ---------------------------------------------------------------------------------------
+def is_val_scene(key):
+    """A scene (or a video's frames) belongs to val or to train by a hash of its description: the split is a property
+    of the scene, so the same picture can never be in both."""
+    return zlib.crc32(key.encode()) % val_share == 0
+
+
+def scene_keys(name, scenes):
+    """What decides a sample's split: each still scene's description; a video's frames together (one key)."""
+    if name.startswith("video"):
+        return ["|".join(sorted(describe(s) for s in scenes))]
+    return [describe(s) for s in scenes if s and "x" in s[0]]  # (a visual-thinking crop is part of its scene)
+
+
+def random_train_scene(rng, n=None, avoid=()):
+    while True:
+        scene = random_scene(rng, n, avoid)
+        if not is_val_scene(describe(scene)):
+            return scene
+
+
 def random_object(rng, x, y, avoid=()):
     while True:
         o = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)), "size": rng.choice(list(HALF)),
@@ -266,9 +293,9 @@ def image_question(rng, scene, qtype):
 QA_TYPES = ["colour", "shape", "count", "position", "size", "yes_no", "multiple_choice"]
 
 
-def task_image_qa(rng, avoid, max_turns=4):
-    """One picture, one to max_turns questions about it (LLaVA-style multi-turn: more answers per image)."""
-    scene, turns, qtypes = random_scene(rng), [], []
+def scene_questions(rng, scene, max_turns=4):
+    """One to max_turns different questions about scene and their answers: ([q, a, q, a, ...], question types)."""
+    turns, qtypes = [], []
     for _ in range(rng.randint(1, max_turns)):
         qa = None
         while qa is None or qa[0] in turns:  # a type this scene cannot pose, or a repeat: another one
@@ -276,6 +303,13 @@ def task_image_qa(rng, avoid, max_turns=4):
             qa = image_question(rng, scene, qtype)
         turns += list(qa)
         qtypes.append(qtype)
+    return turns, qtypes
+
+
+def task_image_qa(rng, avoid):
+    """One picture, one to four questions about it (LLaVA-style multi-turn: more answers per image)."""
+    scene = random_scene(rng)
+    turns, qtypes = scene_questions(rng, scene)
     turns[0] = f"<image>\n{turns[0]}"
     return turns, [render(scene)], {"qtype": qtypes[0], "qtypes": qtypes, "scenes": [scene]}
 
@@ -383,8 +417,9 @@ def task_visual_thinking(rng, avoid):
     return thinking_turns(question, o[key]), [img, zoom(img, o["x"], o["y"])], {"qtype": key, "scenes": [scene, [crop]]}
 
 
-def task_generation_riddle(rng, avoid):
-    """Sec. 4.2-4.3: the answer follows only from corpus facts, never from image data."""
+def riddle(rng, avoid=()):
+    """(request, scene): one object named only through the facts ("a small shape like a coin in the colour of a lime,
+    in the center")."""
     clues = {f"shape with {c} corners": s for s, c in CORNERS.items()}
     clues.update({f"shape like {article(t)} {t}": s for t, s in SHAPE_OF.items()})
     while True:
@@ -393,7 +428,12 @@ def task_generation_riddle(rng, avoid):
             break
     size, (x, y) = rng.choice(list(HALF)), rng.choice([(x, y) for y in CENTRES for x in CENTRES])
     request = f"a {size} {clue} in the colour of {article(thing)} {thing}, in the {position_name(x, y)}"
-    scene = [{"shape": clues[clue], "colour": COLOUR_OF[thing], "size": size, "x": x, "y": y}]
+    return request, [{"shape": clues[clue], "colour": COLOUR_OF[thing], "size": size, "x": x, "y": y}]
+
+
+def task_generation_riddle(rng, avoid):
+    """Sec. 4.2-4.3: the answer follows only from corpus facts, never from image data."""
+    request, scene = riddle(rng, avoid)
     return generation_turns(rng, request), [render(scene)], {"scenes": [scene]}
 
 
@@ -420,7 +460,10 @@ def write_task(root, split, name, make, count, rng, avoid):
     os.makedirs(os.path.join(root, "images", split, name), exist_ok=True)
     with open(os.path.join(root, split, f"{name}.jsonl"), "w") as f:
         for i in range(count):
-            turns, images, meta = make(rng, avoid)
+            while True:  # a sample whose scenes all belong to this split
+                turns, images, meta = make(rng, avoid)
+                if all(is_val_scene(k) == (split == "val") for k in scene_keys(name, meta["scenes"])):
+                    break
             sid = f"{split}-{name}-{i:06d}"
             paths = [f"images/{split}/{name}/{sid}-{k}.png" for k in range(len(images))]
             for path, img in zip(paths, images):
@@ -448,8 +491,97 @@ def facts():
     return pairs
 
 
+# ---- text-only conversations: the stand-in LLM's prior (pretrain_tiny.py) -----------------------------------------
+SCENE_INTROS = ["Scene: {}.", "Picture this: {}.", "In a picture there is {}.", "Imagine {}."]
+KEYS = [f"{box} {n}" for box in ("box", "card", "slot") for n in NUMBERS[1:]]
+
+
+def text_scene_qa(rng, split):
+    """A scene in words, then one to four questions answered from the words (image_qa's questions, and
+    visual_thinking's "the small shape in the center")."""
+    scene = random_train_scene(rng) if split == "train" else val_scene(rng)
+    turns, _ = scene_questions(rng, scene)
+    if rng.random() < 0.25:
+        o = rng.choice(scene)
+        pos = position_name(o["x"], o["y"])
+        turns[:2] = [f"What colour is the {o['size']} shape in the {pos}?", o["colour"]] if rng.random() < 0.5 else \
+            [f"What shape is the {o['colour']} object in the {pos}?", o["shape"]]
+    turns[0] = rng.choice(SCENE_INTROS).format(describe(scene)) + "\n" + turns[0]
+    return turns
+
+
+def val_scene(rng):
+    while True:
+        scene = random_scene(rng)
+        if is_val_scene(describe(scene)):
+            return scene
+
+
+def text_video_qa(rng, split):
+    """video_qa's questions about frames written as words."""
+    while True:
+        turns, images, meta = task_video_qa(rng, ())
+        if is_val_scene(scene_keys("video_qa", meta["scenes"])[0]) == (split == "val"):
+            break
+    frames = "\n".join(f"Frame {t + 1}: {describe(s)}." for t, s in enumerate(meta["scenes"]))
+    return [f"{frames}\nThese are the frames of a video. {turns[0].split('video. ', 1)[1]}", turns[1]]
+
+
+def text_keyed_copy(rng, split):
+    """Keyed copying: a few labelled things, then one asked for by its label (the retrieval a reply needs)."""
+    keys = rng.sample(KEYS, rng.randint(2, 6))
+    values = [describe(random_train_scene(rng, 1)) for _ in keys]
+    lines = "\n".join(f"{k}: {v}." for k, v in zip(keys, values))
+    i = rng.randrange(len(keys))
+    return [f"Remember these.\n{lines}\nWhat is in {keys[i]}?", values[i]]
+
+
+def text_facts(rng, split):
+    """The facts and sums as questions and answers, one to four to a conversation."""
+    turns = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["colour", "shape", "corners", "sum"])
+        if kind == "colour":
+            thing = rng.choice(list(COLOUR_OF))
+            turns += [f"What colour is {article(thing)} {thing}?", COLOUR_OF[thing]]
+        elif kind == "shape":
+            thing = rng.choice(list(SHAPE_OF))
+            turns += [f"What shape is {article(thing)} {thing}?", SHAPE_OF[thing]]
+        elif kind == "corners":
+            shape = rng.choice(SHAPES)
+            turns += [f"How many corners does a {shape} have?", CORNERS[shape]]
+        else:
+            a, b = rng.randrange(6), rng.randrange(6)
+            turns += [f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]]
+    return turns
+
+
+def text_riddle(rng, split):
+    """A riddle's request said plainly: the facts composed into a scene description (Sec. 4.3's reasoning, in words)."""
+    while True:
+        request, scene = riddle(rng)
+        if is_val_scene(describe(scene)) == (split == "val"):
+            break
+    return [f"Say it plainly: {request}.", describe(scene)]
+
+
+TEXT_TASKS = {"scene_qa": text_scene_qa, "video_qa": text_video_qa, "keyed_copy": text_keyed_copy,
+              "facts": text_facts, "riddle": text_riddle}
+
+
+def write_text(path, split, counts, rng):
+    """Text-only conversations in the conversation format (no images), `task` naming their kind."""
+    with open(path, "w") as f:
+        for name, count in counts.items():
+            for i in range(count):
+                turns = TEXT_TASKS[name](rng, split)
+                conversations = [{"from": ("human", "gpt")[k % 2], "value": t} for k, t in enumerate(turns)]
+                f.write(json.dumps({"id": f"{split}-text-{name}-{i:06d}", "task": name,
+                                    "conversations": conversations}) + "\n")
+
+
 def write_corpus(path, rng, n_captions, repeats):
-    lines = [caption(rng, random_scene(rng)) for _ in range(n_captions)]
+    lines = [caption(rng, random_train_scene(rng)) for _ in range(n_captions)]
     lines += [f"{p} {a}." for p, a in facts() for _ in range(repeats)]
     rng.shuffle(lines)
     with open(path + ".tmp", "w") as f:
@@ -469,6 +601,9 @@ def main():
     for split, name, count in tqdm(jobs, desc="toy world"):
         rng = random.Random(f"{seed}-{split}-{name}")  # one stream per file: changing one count changes one file
         write_task(data_dir, split, name, {**TASKS, **HELDOUT}[name], count, rng, avoid)
+    os.makedirs(os.path.join(data_dir, "text"))
+    for split, counts in (("train", toy_text), ("val", toy_text_val)):
+        write_text(os.path.join(data_dir, "text", f"{split}.jsonl"), split, counts, random.Random(f"{seed}-text-{split}"))
     write_corpus(os.path.join(data_dir, "corpus.txt"), random.Random(f"{seed}-corpus"), toy_corpus_captions,
                  toy_fact_repeats)
     scenes = [json.loads(line)["meta"]["scenes"][0] for line in open(os.path.join(data_dir, "val", "generation.jsonl"))]

@@ -26,7 +26,7 @@ from train_vpit import built_in_shards, finish_distributed, load_dtype, partitio
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
 out_dir = "out/tiny"
-llm_path = "out/tiny/base/llm"
+llm_path = "toy/base/llm"
 num_visual_tokens = 64
 adapter_data = {"caption": -1}
 adapter_val = 64

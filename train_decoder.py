@@ -47,7 +47,7 @@ from visualizer import Decoder, Visualizer, decode_tokens, load_vae
 data_dir = "data/toy"
 image_root = ""  # image paths in the JSONL are relative to this; "" means data_dir
 out_dir = "out/tiny"
-vae_path = "out/tiny/base/vae"
+vae_path = "toy/base/vae"
 sd_path = ""  # a local Stable Diffusion 1.5 folder (unet/, scheduler/); "" builds a fresh UNet from decoder_unet
 decoder_unet = {"sample_size": 16, "block_out_channels": (32, 64, 64), "layers_per_block": 1,
                 "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

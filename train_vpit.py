@@ -29,7 +29,7 @@ from model import MetaMorph, build_sample, save_atomically, wants_bf16
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
 out_dir = "out/tiny"
-llm_path = "out/tiny/base/llm"
+llm_path = "toy/base/llm"
 num_visual_tokens = 64
 vpit_data = {"image_qa": -1, "video_qa": -1, "generation": -1, "image_edit": -1, "video_prediction": -1,
              "visual_thinking": -1}  # task -> number of samples (-1: all); ablations change this mix

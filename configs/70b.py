@@ -11,6 +11,7 @@ num_visual_tokens = 64  # Sec. 2: 27x27 SigLIP patches interpolated to 8x8
 # ---- data and outputs (Sec. 2.2, App. C; conversation JSONL as in DESIGN.md) ----------------------------------------
 data_dir = "data/metamorph"
 out_dir = "out/70b"
+shipped_run = ""  # never the toy run the repo ships: sample.py and eval.py use this run or stop
 # Stage-2 mixture: task -> number of samples. The paper gives Cambrian-7M for ImageQA and <= 5M MetaCLIP pairs for
 # generation; the other counts are our assumptions about the public sets it names - set them from your own data.
 # Caption data is stage 1's (adapter_data, App. A.1), not in this mixture. -1 = all of a task's file (then the dry run

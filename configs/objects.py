@@ -5,15 +5,16 @@
 #     eval.py and sample.py with the same config, or all of it: python pipeline.py configs/objects.py
 
 # ---- the base models: the toy stand-ins (python toyworld.py && python pretrain_tiny.py), or local HF folders --------
-siglip_path = "out/tiny/base/siglip"
-llm_path = "out/tiny/base/llm"
-vae_path = "out/tiny/base/vae"
+siglip_path = "toy/base/siglip"
+llm_path = "toy/base/llm"
+vae_path = "toy/base/vae"
 num_visual_tokens = 64
 
 # ---- the data: data_dir/{train,val}/<task>.jsonl; image paths relative to image_root ("": data_dir) -----------------
 data_dir = "data/objects"
 image_root = ""
 out_dir = "out/objects"
+shipped_run = ""  # never the toy run the repo ships: sample.py and eval.py use this run or stop
 
 # ---- what each stage trains on: task (file name) -> samples, -1 = all ----------------------------------------------
 adapter_data = {"caption": -1}  # stage 1 (App. A.1): captions

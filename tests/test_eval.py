@@ -97,7 +97,7 @@ def test_metrics_of_too_few_pictures_are_na_not_numbers():
     assert isinstance(every["fd_siglip"], float) and every["scene"] == 1
     assert none == dict.fromkeys(every)  # the same metrics, each n/a
     assert one["fd_siglip"] is None and (one["siglip_score"], one["scene"]) == (25, 1)
-    results = {"left_out": [], "understanding": {}, "generation": {
+    results = {"run": "out/x", "left_out": [], "understanding": {}, "generation": {
         "generation": {"pictures": 3, "drawn": 0.0, "token_cosine": None, "model": none, "true_tokens": every},
         "generation_heldout": {"pictures": 3, "drawn": 1 / 3, "token_cosine": 0.5, "model": one, "true_tokens": every}}}
     report = ev.markdown(results)

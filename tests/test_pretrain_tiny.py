@@ -14,7 +14,9 @@ def test_stand_ins_train_save_and_load_in_real_formats(micro):
 
     base = micro["base"]
     report = json.load(open(f"{base}/pretrain_report.json"))
-    assert set(report) == {"llm_val_perplexity", "llm_fact_recall", "siglip_retrieval_top1_of_32", "vae_val_psnr_db"}
+    assert set(report) == {"llm_val_perplexity", "llm_fact_recall", "llm_text_scene_qa", "llm_text_video_qa",
+                           "llm_text_keyed_copy", "siglip_toy_retrieval_top1_of_32", "siglip_wide_retrieval_top1_of_32",
+                           "vae_toy_val_psnr_db", "vae_wide_val_psnr_db"}
     assert not any(os.path.exists(f"{base}/{p}.tmp") for p in ("siglip", "llm", "vae"))
 
     tokenizer = AutoTokenizer.from_pretrained(f"{base}/llm")
@@ -42,3 +44,32 @@ def test_second_run_trains_nothing_and_measures_again(micro):
                 f"--llm_path={base}/llm", f"--vae_path={base}/vae", *MICRO_MODELS)
     assert "stand-in:" not in again.stderr  # no progress bar: nothing trained
     assert json.load(open(f"{base}/pretrain_report.json")) == report
+
+
+def test_packing_keeps_documents_whole_and_targets_only_replies():
+    import random
+
+    import pretrain_tiny
+    docs = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [4, 5]), ([6] * 7, [-100] * 6 + [6])]
+    ids, labels = pretrain_tiny.pack(docs, 8, 0, random.Random(0))
+    assert ids.shape[1] == 8 and ids.shape[0] >= 2
+    rows = [r.tolist() for r in ids]
+    for d_ids, _ in docs[:2]:  # each short document sits whole, after a separator, inside one block
+        assert any(any(r[i:i + len(d_ids) + 1] == [0] + d_ids for i in range(8)) for r in rows)
+    assert (labels[ids == 1] == -100).all() and (labels[ids == 2] == 2).all()
+    assert (labels[:, 0] == -100).all()  # the separator is never a target
+
+
+def test_wide_pictures_leave_the_toy_palette():
+    import random
+
+    import numpy as np
+
+    import pretrain_tiny
+    rng = random.Random(0)
+    pictures = [pretrain_tiny.wide_picture(rng) for _ in range(40)]
+    pixels = np.concatenate([np.asarray(img).reshape(-1, 3) for img, _ in pictures])
+    greys = (pixels.max(1) - pixels.min(1) < 8) & (pixels.min(1) < 230)
+    assert greys.mean() > 0.05  # greys other than the toy's white background
+    words = " ".join(caption for _, caption in pictures)
+    assert "grey" in words and "background" in words

@@ -34,8 +34,8 @@ def session(micro_run, micro, monkeypatch):
         monkeypatch.setattr(sample, key, value)
     load_model = sample.load_model
 
-    def drawing_model(dev):
-        model = load_model(dev)
+    def drawing_model(run, dev):
+        model = load_model(run, dev)
         model.llm.set_output_embeddings(ImageOpener(model.llm.get_output_embeddings(), model.image_start_id))
         return model
 

@@ -15,7 +15,7 @@ def test_smol_config_points_every_stage_at_what_prepare_smol_makes():
 
     g = {"llm_path": "", "siglip_path": "", "vae_path": "", "data_dir": "", "out_dir": "", "vpit_lr": 0.0}
     configure(g, ["configs/smol.py"])  # every key declared by some stage
-    assert g["llm_path"] == prepare_smol.smol_path and g["siglip_path"] == "out/tiny/base/siglip"
+    assert g["llm_path"] == prepare_smol.smol_path and g["siglip_path"] == "toy/base/siglip"
 
 
 needs_smol = pytest.mark.skipif(

@@ -16,10 +16,13 @@ SMALL = ("--toy_train={'caption': 6, 'image_qa': 40, 'video_qa': 8, 'generation'
 SMALL_VAL = "--toy_val={'caption': 4, 'image_qa': 14, 'video_qa': 4, 'generation': 4, 'image_edit': 4, " \
             "'video_prediction': 8, 'visual_thinking': 4}"
 
+TEXT = "--toy_text={'scene_qa': 60, 'video_qa': 10, 'keyed_copy': 10, 'facts': 10, 'riddle': 20}"
+TEXT_VAL = "--toy_text_val={'scene_qa': 20, 'video_qa': 6, 'keyed_copy': 4}"
+
 
 def make_world(path, seed=5):
     subprocess.run([sys.executable, "toyworld.py", f"--data_dir={path}", f"--seed={seed}", SMALL, SMALL_VAL,
-                    "--toy_heldout_val=12", "--toy_corpus_captions=50"], cwd=ROOT, check=True, capture_output=True)
+                    "--toy_heldout_val=12", "--toy_corpus_captions=50", TEXT, TEXT_VAL], cwd=ROOT, check=True, capture_output=True)
     return path
 
 
@@ -118,6 +121,54 @@ def test_heldout_compositions_never_in_train_visual_outputs(world):
     # ... while understanding data does show them
     understood = [o for s in samples(world, "train", "image_qa") for o in s["meta"]["scenes"][0]]
     assert any((o["colour"], o["shape"]) in HELDOUT_COMBOS for o in understood)
+
+
+def text_rows(root, split):
+    with open(os.path.join(root, "text", f"{split}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_val_scenes_are_never_training_scenes(world):
+    """Every picture of val, in every task, shows a scene no training picture or training text shows."""
+    train, val = set(), set()
+    for task in toyworld.TASKS:
+        for s in samples(world, "train", task):
+            train.update(toyworld.scene_keys(task, s["meta"]["scenes"]))
+        for s in samples(world, "val", task):
+            val.update(toyworld.scene_keys(task, s["meta"]["scenes"]))
+    for task in toyworld.HELDOUT:
+        for s in samples(world, "val", task):
+            val.update(toyworld.scene_keys(task, s["meta"]["scenes"]))
+    assert val and train and not val & train
+    assert all(toyworld.is_val_scene(k) for k in val) and not any(toyworld.is_val_scene(k) for k in train)
+    in_words = set()  # the scenes the text corpus describes: scene_qa's scenes, riddles' answers, keyed values
+    for c in text_rows(world, "train"):
+        turns = [t["value"] for t in c["conversations"]]
+        for intro in toyworld.SCENE_INTROS:
+            prefix = intro.split("{}")[0]
+            if c["task"] == "scene_qa" and turns[0].startswith(prefix):
+                in_words.add(turns[0][len(prefix):].split(".\n")[0])
+        if c["task"] in ("riddle", "keyed_copy"):
+            in_words.add(turns[1])
+    assert len(in_words) > 50 and not in_words & val
+
+
+def test_text_conversations_answer_from_the_words(world):
+    """The stand-in LLM's conversations: scenes in words whose answers are true of the scene, every kind present,
+    val scenes kept out of train."""
+    rows = text_rows(world, "train")
+    assert {c["task"] for c in rows} == set(toyworld.TEXT_TASKS)
+    assert all("<image>" not in t["value"] for c in rows for t in c["conversations"])
+    for c in rows:
+        turns = [t["value"] for t in c["conversations"]]
+        if c["task"] == "keyed_copy":
+            key = turns[0].rsplit("What is in ", 1)[1][:-1]
+            assert f"{key}: {turns[1]}." in turns[0]
+        if c["task"] == "scene_qa" and turns[0].startswith("Scene: ") and "What colour is the" in turns[0]:
+            scene_text, question = turns[0][len("Scene: "):].split("\n", 1)
+            assert turns[1] in scene_text
+    val = text_rows(world, "val")
+    assert {c["task"] for c in val} == {"scene_qa", "video_qa", "keyed_copy"}
 
 
 def test_riddles_need_corpus_facts_absent_from_image_data(world):
