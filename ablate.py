@@ -2,26 +2,29 @@
 The paper's findings in miniature (PAPER.md "Findings", Sec. 3): retrain stage 2 on different data mixes, evaluate
 each run with eval.py, and write a markdown table and a bar chart per study.
 
-    python ablate.py                          # every study below, on the finished toy run's cache, adapter and decoder
-    python ablate.py --studies="['tab3']"     # one study
+    python ablate.py                          # the studies below, on the finished toy run's cache, adapter and decoder
+    python ablate.py --studies="['tab5']"     # one study
 
 Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains, without the toy config's
 generation lead-in; tab4_steps and tab6_steps instead train each mix for the same number of steps, enough for the
 toy to draw) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and decoder (the decoder
-never sees the LLM, so one serves every run); a run already evaluated is not run again. Results go to
-ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
+never sees the LLM, so one serves every run); a run already evaluated is not run again. Each run is made once per
+seed in ablate_seeds (the order of the data); a table shows the mean and, after "±", half the spread (max - min)
+of the seeds. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
 """
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 # ---------------------------------------------------------------------------------------------------------------------
 out_dir = "out/tiny"  # the finished main run: its tokens/, adapter/ and decoder/ are shared
 ablate_dir = "ablations"  # tables and charts (committed); the runs themselves go to out_dir/ablate/<run>
-studies = ["tab4", "tab4_steps", "tab5", "tab6", "tab6_steps", "tab3"]
+studies = ["tab4_steps", "tab6_steps", "tab3"]  # also "tab4", "tab5", "tab6": one epoch per mix, as the paper
+ablate_seeds = [1337, 1338]  # every run once per seed: a finding is a gap larger than the seeds' spread
 ablate_equal_steps = 2000  # tab4_steps, tab6_steps: optimizer steps per run (the toy's drawing needs ~1,500 to read the words)
 train_only = False  # True: train every run's stage 2 and stop (e.g. while the decoder, which eval needs, still trains)
 ablate_eval_understanding = {"image_qa": 100}
@@ -64,9 +67,9 @@ def stage(script, *args):
     subprocess.run([sys.executable, script, config_file, *args], check=True)
 
 
-def run(name, mixture, extra):
+def run(name, mixture, extra, seed):
     """Stage 2 on the mixture, then eval.py; returns its results.json (cached)."""
-    run_dir = os.path.join(out_dir, "ablate", name)
+    run_dir = os.path.join(out_dir, "ablate", f"{name}-seed{seed}")
     results = os.path.join(run_dir, "eval", "results.json")
     if os.path.exists(results):
         return json.load(open(results))
@@ -76,7 +79,8 @@ def run(name, mixture, extra):
             os.symlink(os.path.abspath(os.path.join(out_dir, shared)), os.path.join(run_dir, shared))
     if not os.path.exists(os.path.join(run_dir, "vpit", "metamorph.json")):
         print(f"\n=== {name}: stage 2 on {mixture}", flush=True)
-        stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", "--vpit_lead_in={}", *extra)
+        stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", "--vpit_lead_in={}",
+              f"--seed={seed}", *extra)
     if train_only:
         return None
     stage("eval.py", f"--out_dir={run_dir}", f"--eval_understanding={ablate_eval_understanding}",
@@ -96,11 +100,25 @@ def row(name, mixture, results):
             "forced cos gap": g[G]["teacher_forced_cosine"]["own"] - g[G]["teacher_forced_cosine"]["other"]}
 
 
-def table(title, rows):
+def over_seeds(rows):
+    """One row from the same run's rows of several seeds: each number as (mean, half the spread); None where no seed
+    has it (a metric over no drawn picture)."""
+    merged = {}
+    for k, v in rows[0].items():
+        values = [r[k] for r in rows if r[k] is not None]
+        merged[k] = v if isinstance(v, str) else (float(np.mean(values)), (max(values) - min(values)) / 2) \
+            if values else None
+    return merged
+
+
+def table(title, rows, seeds):
     keys = list(rows[0])
-    fmt = lambda k, v: v if isinstance(v, str) else "n/a" if v is None else f"{v:.3f}" if "FD" in k or "cos" in k \
-        else f"{100 * v:.1f}"  # (None: a metric over no drawn picture)
-    return "\n".join([f"## {title}", "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)] +
+    scale = lambda k: 1 if "FD" in k or "cos" in k else 100
+    digits = lambda k: 3 if scale(k) == 1 else 1
+    fmt = lambda k, v: v if isinstance(v, str) else "n/a" if v is None else \
+        f"{scale(k) * v[0]:.{digits(k)}f} ± {scale(k) * v[1]:.{digits(k)}f}"
+    return "\n".join([f"## {title}", "", f"Mean ± half the spread of {len(seeds)} seeds ({', '.join(map(str, seeds))}).",
+                      "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)] +
                      ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]) + "\n"
 
 
@@ -121,7 +139,7 @@ def bar_chart(title, rows, series, path, width=900, height=360):
         x0 = left + i * slot + slot * 0.1
         for j, key in enumerate(series):
             x = x0 + j * bar
-            height_of = bottom - (bottom - top) * (r[key] or 0)  # (None, nothing drawn: no bar)
+            height_of = bottom - (bottom - top) * (r[key][0] if r[key] else 0)  # (None, nothing drawn: no bar)
             draw.rectangle([x, height_of, x + bar - 2, bottom], fill=colours[j % len(colours)])
         draw.text((x0, bottom + 6 + 12 * (i % 2)), r["run"][:24], fill="black")
     for j, key in enumerate(series):
@@ -137,11 +155,11 @@ def main():
              "asked-for cell (eval.py).", ""]
     for study in studies:
         title, runs = STUDIES[study]
-        results = [run(name, mixture, extra) for name, mixture, extra in runs]
+        results = [[run(name, mixture, extra, seed) for seed in ablate_seeds] for name, mixture, extra in runs]
         if train_only:
             continue
-        rows = [row(name, mixture, r) for (name, mixture, _), r in zip(runs, results)]
-        markdown = table(title, rows)
+        rows = [over_seeds([row(name, mixture, r) for r in seeds]) for (name, mixture, _), seeds in zip(runs, results)]
+        markdown = table(title, rows, ablate_seeds)
         open(os.path.join(ablate_dir, f"{study}.md"), "w").write(markdown)
         bar_chart(title, rows, ["image_qa", "drawn", "token cos", "generation object"],
                   os.path.join(ablate_dir, f"{study}.png"))

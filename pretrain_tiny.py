@@ -39,14 +39,15 @@ siglip_batch = 64
 siglip_lr = 1e-3
 # LLM stand-in
 vocab_size = 1024
-llm_width = 192
+llm_width = 128  # 4 x 128 reads its context sooner per CPU-second than 4 x 192 (docs/devlog.md)
 llm_layers = 4
-llm_heads = 6
+llm_heads = 4
 llm_block = 256
-llm_steps = 5000
+llm_steps = 8000
+llm_copy_steps = 400  # copying alone first: attention to the context forms in ~300 steps alone, not in 1,500 mixed
 llm_batch = 16
 llm_lr = 1e-3
-llm_eval_interval = 500  # steps between text-only val scores on the progress bar
+llm_eval_interval = 1000  # steps between text-only val scores on the progress bar
 # VAE stand-in
 vae_channels = [16, 32, 32]
 vae_steps = 1000
@@ -120,12 +121,13 @@ def documents(tokenizer, lines, conversations):
 
 
 def pack(docs, block, bos, rng):
-    """Documents in a random order, each after a separator, packed whole into (n, block) blocks (one longer than a
-    block is cut); (input_ids, labels) with the unused tail padded and ignored."""
+    """Documents in a random order, each followed by a separator, packed whole into (n, block) blocks (one longer than
+    a block is cut); (input_ids, labels) with the unused tail padded and ignored. A block starts as a stage-2 sequence
+    does, with its first document's first token."""
     blocks, ids, labels = [], [], []
     padded = lambda ids, labels: (ids + [bos] * (block - len(ids)), labels + [IGNORE] * (block - len(ids)))
     for i in rng.sample(range(len(docs)), len(docs)):
-        d_ids, d_labels = [bos] + docs[i][0][:block - 1], [IGNORE] + docs[i][1][:block - 1]
+        d_ids, d_labels = docs[i][0][:block - 1] + [bos], docs[i][1][:block - 1] + [IGNORE]
         if len(ids) + len(d_ids) > block:
             blocks.append(padded(ids, labels))
             ids, labels = [], []
@@ -193,15 +195,18 @@ def pretrain_llm():
         model = LlamaForCausalLM(config)
         docs = documents(tokenizer, lines, conversations)
         rng = random.Random(f"{seed}-llm")
-        ids, labels = pack(docs, llm_block, tokenizer.bos_token_id, rng)
+        everything = pack(docs, llm_block, tokenizer.bos_token_id, rng)
+        copying = pack([d for d, c in zip(docs[len(lines):], conversations) if c["task"] == "repeat"], llm_block,
+                       tokenizer.bos_token_id, rng)
         print(f"LLM stand-in: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"vocab {len(tokenizer)}, {len(docs)} documents in {len(ids)} blocks of {llm_block} "
-              f"({(labels != IGNORE).sum().item() / 1e6:.1f}M target tokens)")
+              f"vocab {len(tokenizer)}, {len(docs)} documents in {len(everything[0])} blocks of {llm_block} "
+              f"({(everything[1] != IGNORE).sum().item() / 1e6:.1f}M target tokens)")
 
         def loss_fn(step):
             if step and step % llm_eval_interval == 0:
                 tqdm.write(f"step {step}: text-only val first replies {text_accuracy(model, tokenizer, val, 32)}")
             model.train()
+            ids, labels = copying if step < llm_copy_steps else everything
             i = torch.randint(len(ids), (llm_batch,))
             return model(input_ids=ids[i], labels=labels[i]).loss
 

@@ -30,7 +30,7 @@ toy_corpus_captions = 8000  # caption sentences in corpus.txt
 toy_fact_repeats = 50  # copies of each fact and sum in corpus.txt, so the stand-in LLM knows them by heart
 # Text-only conversations for the stand-in LLM's pretraining (text/train.jsonl): the prior a real LLM brings to VPiT,
 # reading an answer out of its context (Sec. 2: the method starts from a pretrained instruction-tuned LLM)
-toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "facts": 3000, "riddle": 4000}
+toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "repeat": 15000, "facts": 3000, "riddle": 4000}
 toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100}  # text/val.jsonl: scored by pretrain_tiny.py
 val_share = 8  # one scene in val_share is a val scene (by a hash of its description)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -536,6 +536,12 @@ def text_keyed_copy(rng, split):
     return [f"Remember these.\n{lines}\nWhat is in {keys[i]}?", values[i]]
 
 
+def text_repeat(rng, split):
+    """A scene's description said back word for word: copying, the cheapest lesson in attending to the context."""
+    text = describe(random_train_scene(rng))
+    return [f"Repeat this exactly: {text}.", text]
+
+
 def text_facts(rng, split):
     """The facts and sums as questions and answers, one to four to a conversation."""
     turns = []
@@ -566,7 +572,7 @@ def text_riddle(rng, split):
 
 
 TEXT_TASKS = {"scene_qa": text_scene_qa, "video_qa": text_video_qa, "keyed_copy": text_keyed_copy,
-              "facts": text_facts, "riddle": text_riddle}
+              "repeat": text_repeat, "facts": text_facts, "riddle": text_riddle}
 
 
 def write_text(path, split, counts, rng):

@@ -26,3 +26,24 @@ def test_every_run_gets_the_config_file_ablate_was_given(monkeypatch):
     monkeypatch.setattr(ablate, "config_file", "configs/smol.py")
     ablate.stage("train_vpit.py", "--out_dir=x")
     assert calls[0][1:] == ["train_vpit.py", "configs/smol.py", "--out_dir=x"]
+
+
+def test_a_table_shows_each_runs_mean_and_the_spread_of_its_seeds():
+    results = [{"run": "a", "image_qa": 0.5, "FD": 2.0, "x": None}, {"run": "a", "image_qa": 0.7, "FD": 4.0, "x": None}]
+    merged = ablate.over_seeds(results)
+    assert merged["run"] == "a" and merged["FD"] == (3.0, 1.0) and merged["x"] is None
+    assert abs(merged["image_qa"][0] - 0.6) < 1e-9 and abs(merged["image_qa"][1] - 0.1) < 1e-9
+    text = ablate.table("t", [merged], [1, 2])
+    assert "| a | 60.0 ± 10.0 | 3.000 ± 1.000 | n/a |" in text and "2 seeds (1, 2)" in text
+
+
+def test_each_seed_is_its_own_run(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(ablate.subprocess, "run", lambda command, check: calls.append(command))
+    monkeypatch.setattr(ablate, "out_dir", str(tmp_path))
+    monkeypatch.setattr(ablate, "train_only", True)
+    for seed in (1, 2):
+        ablate.run("gen500", {"generation": 500}, [], seed)
+    trains = [c for c in calls if "train_vpit.py" in c]
+    assert [next(a for a in c if a.startswith("--seed=")) for c in trains] == ["--seed=1", "--seed=2"]
+    assert len({next(a for a in c if a.startswith("--out_dir=")) for c in trains}) == 2

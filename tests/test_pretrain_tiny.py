@@ -54,10 +54,11 @@ def test_packing_keeps_documents_whole_and_targets_only_replies():
     ids, labels = pretrain_tiny.pack(docs, 8, 0, random.Random(0))
     assert ids.shape[1] == 8 and ids.shape[0] >= 2
     rows = [r.tolist() for r in ids]
-    for d_ids, _ in docs[:2]:  # each short document sits whole, after a separator, inside one block
-        assert any(any(r[i:i + len(d_ids) + 1] == [0] + d_ids for i in range(8)) for r in rows)
+    for d_ids, _ in docs[:2]:  # each short document sits whole, followed by a separator, inside one block
+        assert any(any(r[i:i + len(d_ids) + 1] == d_ids + [0] for i in range(8)) for r in rows)
     assert (labels[ids == 1] == -100).all() and (labels[ids == 2] == 2).all()
-    assert (labels[:, 0] == -100).all()  # the separator is never a target
+    assert (labels[ids == 0] == -100).all()  # the separator is never a target
+    assert all(r[0] != 0 for r in rows)  # a block starts with a document, as a stage-2 sequence does
 
 
 def test_wide_pictures_leave_the_toy_palette():

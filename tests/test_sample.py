@@ -82,8 +82,19 @@ def test_command_line_run(micro_run, micro):
     assert "Traceback" not in out.stderr
 
 
+def test_without_a_trained_run_the_shipped_one_answers_and_says_so(micro_run, micro, tmp_path):
+    """An out_dir with no model: sample.py uses shipped_run (the repo's toy run; here the micro run stands in for it)
+    and names it on stderr; with a trained model in out_dir it says nothing of the kind."""
+    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", f"--out_dir={tmp_path}",
+              f"--shipped_run={micro_run['out']}", "--prompt", "What colour is the square?", "--image", val_image(micro))
+    assert f"using the shipped toy run in {micro_run['out']}" in out.stderr and out.stdout.strip()
+    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", f"--shipped_run={tmp_path}", "--prompt", "hi")
+    assert "shipped" not in out.stderr
+
+
 def test_clear_errors(micro_run, micro, tmp_path):
-    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", f"--out_dir={tmp_path}", "--prompt", "hi", check=False)
+    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", f"--out_dir={tmp_path}", "--shipped_run=",
+              "--prompt", "hi", check=False)
     assert out.returncode != 0 and "python train_vpit.py" in out.stderr and str(tmp_path) in out.stderr
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")

@@ -16,7 +16,7 @@ SMALL = ("--toy_train={'caption': 6, 'image_qa': 40, 'video_qa': 8, 'generation'
 SMALL_VAL = "--toy_val={'caption': 4, 'image_qa': 14, 'video_qa': 4, 'generation': 4, 'image_edit': 4, " \
             "'video_prediction': 8, 'visual_thinking': 4}"
 
-TEXT = "--toy_text={'scene_qa': 60, 'video_qa': 10, 'keyed_copy': 10, 'facts': 10, 'riddle': 20}"
+TEXT = "--toy_text={'scene_qa': 60, 'video_qa': 10, 'keyed_copy': 10, 'repeat': 10, 'facts': 10, 'riddle': 20}"
 TEXT_VAL = "--toy_text_val={'scene_qa': 20, 'video_qa': 6, 'keyed_copy': 4}"
 
 
@@ -148,7 +148,7 @@ def test_val_scenes_are_never_training_scenes(world):
             prefix = intro.split("{}")[0]
             if c["task"] == "scene_qa" and turns[0].startswith(prefix):
                 in_words.add(turns[0][len(prefix):].split(".\n")[0])
-        if c["task"] in ("riddle", "keyed_copy"):
+        if c["task"] in ("riddle", "keyed_copy", "repeat"):
             in_words.add(turns[1])
     assert len(in_words) > 50 and not in_words & val
 
