@@ -1,7 +1,7 @@
 """
 The whole job, one command: every stage in order, each skipped when its artefact is already there.
 
-    python pipeline.py                    # the toy world on a CPU: about 30 minutes on 2 cores from a fresh clone
+    python pipeline.py                    # the toy world on a CPU, from the stand-ins the repo ships in toy/base
     python pipeline.py configs/8b.py      # real models and data: encode, stage 1, stage 2, decoder, eval, samples
     python pipeline.py --force=train_vpit.py   # run one stage again (and so the stages after it)
 

@@ -1,12 +1,15 @@
 """
-Toy-scale stand-ins for the three pretrained models configs/8b.py loads from disk, trained on the toy world and saved
-with save_pretrained in the real formats, so every later stage loads them exactly as it loads the real ones:
+Toy-scale stand-ins for the three pretrained models configs/8b.py loads from disk, saved with save_pretrained in the
+real formats, so every later stage loads them exactly as it loads the real ones. The repo ships them in toy/base; this
+script is how they were made (one command, about 50 min on 2 cores without AMX):
 
     siglip_path  a SiglipModel (64x64 input, patch 4 -> a 16x16 grid, as 384/14 -> 27x27 at full scale), sigmoid loss
-    llm_path     a LlamaForCausalLM + a byte-level BPE tokenizer with a ChatML chat template, pretrained on corpus.txt
+    llm_path     a LlamaForCausalLM + a byte-level BPE tokenizer with a ChatML chat template, pretrained on the toy
+                 world's sentences and text-only conversations, so it arrives reading its context as a real LLM does
     vae_path     a diffusers AutoencoderKL (downsampling x4 -> 16x16x4 latents)
 
-    python pretrain_tiny.py            # each part is skipped (but still measured) when its folder already exists
+    rm -r toy/base && python toyworld.py && python pretrain_tiny.py    # each part is skipped (but still measured)
+                                                                       # when its folder already exists
 """
 import json
 import math
@@ -89,8 +92,8 @@ def read_conversations(split, task):
 # ---- LLM: tokenizer + LlamaForCausalLM ------------------------------------------------------------------------------
 # The prior the paper relies on (Sec. 2: VPiT starts from a pretrained instruction-tuned LLM): plain sentences
 # (captions, facts) and text-only conversations (text/train.jsonl: scenes in words with questions answered from the
-# words, frames of a video in words, keyed copying, the facts as questions, riddles said plainly), in the chat format
-# stage 2 uses, with the loss on the replies as in instruction tuning.
+# words, frames of a video in words, keyed copying, descriptions said back, the facts as questions, riddles said
+# plainly), in the chat format stage 2 uses, with the loss on the replies as in instruction tuning.
 def train_tokenizer(texts, size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
