@@ -26,9 +26,9 @@ force = ""  # a stage to run again even if its artefact exists (and every stage 
 # A few sample.py runs at the end: (prompt, input image relative to data_dir or ""): a generation, a question about an
 # image, an edit and a visual-thinking prompt (the images are toy val pictures the model never trained on).
 samples = [("Generate an image of a large red circle in the top left and a small blue square in the center.", ""),
-           ("What colour is the square?", "images/val/image_qa/val-image_qa-000000-0.png"),
-           ("Turn the circle into a triangle.", "images/val/image_edit/val-image_edit-000000-0.png"),
-           ("Think visually before you answer. What colour is the small shape in the center?",
+           ("What colour is the circle?", "images/val/image_qa/val-image_qa-000000-0.png"),
+           ("Add a small red triangle in the bottom middle.", "images/val/image_edit/val-image_edit-000000-0.png"),
+           ("Think visually before you answer. What shape is the blue object in the bottom left?",
             "images/val/visual_thinking/val-visual_thinking-000000-0.png")]
 config_file = "configs/tiny.py"  # set by configure() to the config file in use
 # ---------------------------------------------------------------------------------------------------------------------
