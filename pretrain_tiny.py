@@ -264,7 +264,7 @@ def wide_picture(rng):
 def caption_pairs(rng, n):
     """n (picture, caption) pairs: toy train scenes, and a wide_share of wide pictures."""
     wide = [wide_picture(rng) for _ in range(round(n * wide_share))]
-    scenes = [toyworld.random_train_scene(rng) for _ in range(n - len(wide))]
+    scenes = [toyworld.split_scene(rng, "train") for _ in range(n - len(wide))]
     return [toyworld.render(s) for s in scenes] + [img for img, _ in wide], \
         [toyworld.caption(rng, s) for s in scenes] + [text for _, text in wide]
 
@@ -346,13 +346,15 @@ def to_pixels(images):
 
 
 def load_pixels(split, limit):
-    """Up to `limit` images of every kind the toy world draws (scenes, video frames, zoomed crops), and a wide_share
-    of wide pictures."""
+    """Up to `limit` images of every kind the toy world draws (scenes, video frames, zoomed crops)."""
     paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(data_dir, "images", split)) for f in fs)
     paths = random.Random(seed).sample(paths, min(limit, len(paths)))
+    return to_pixels([Image.open(p) for p in paths])
+
+
+def wide_pixels(split, n):
     rng = random.Random(f"{seed}-wide-{split}")
-    wide = [wide_picture(rng)[0] for _ in range(round(len(paths) * wide_share / (1 - wide_share)))]
-    return to_pixels([Image.open(p) for p in paths] + wide)
+    return to_pixels([wide_picture(rng)[0] for _ in range(n)])
 
 
 @torch.no_grad()
@@ -366,15 +368,15 @@ def psnr(vae, pixels):
 def pretrain_vae():
     from diffusers import AutoencoderKL
 
-    rng = random.Random(f"{seed}-wide-val")
-    val = {"toy": load_pixels("val", 512)[:512], "wide": to_pixels([wide_picture(rng)[0] for _ in range(256)])}
+    val = {"toy": load_pixels("val", 512), "wide": wide_pixels("val", 256)}
     if not os.path.exists(vae_path):
         n = len(vae_channels)
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                             up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels),
                             layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=toyworld.SIZE,
                             mid_block_add_attention=False)
-        pixels = load_pixels("train", 8000)
+        toy = load_pixels("train", 8000)  # and a wide_share of wide pictures
+        pixels = torch.cat([toy, wide_pixels("train", round(len(toy) * wide_share / (1 - wide_share)))])
 
         def loss_fn(step):
             vae.train()

@@ -149,10 +149,11 @@ def scene_keys(name, scenes):
     return [describe(s) for s in scenes if s and "x" in s[0]]  # (a visual-thinking crop is part of its scene)
 
 
-def random_train_scene(rng, n=None, avoid=()):
+def split_scene(rng, split, n=None, avoid=()):
+    """A random scene of the given split ("train" or "val")."""
     while True:
         scene = random_scene(rng, n, avoid)
-        if not is_val_scene(describe(scene)):
+        if is_val_scene(describe(scene)) == (split == "val"):
             return scene
 
 
@@ -499,7 +500,7 @@ KEYS = [f"{box} {n}" for box in ("box", "card", "slot") for n in NUMBERS[1:]]
 def text_scene_qa(rng, split):
     """A scene in words, then one to four questions answered from the words (image_qa's questions, and
     visual_thinking's "the small shape in the center")."""
-    scene = random_train_scene(rng) if split == "train" else val_scene(rng)
+    scene = split_scene(rng, split)
     turns, _ = scene_questions(rng, scene)
     if rng.random() < 0.25:
         o = rng.choice(scene)
@@ -508,13 +509,6 @@ def text_scene_qa(rng, split):
             [f"What shape is the {o['colour']} object in the {pos}?", o["shape"]]
     turns[0] = rng.choice(SCENE_INTROS).format(describe(scene)) + "\n" + turns[0]
     return turns
-
-
-def val_scene(rng):
-    while True:
-        scene = random_scene(rng)
-        if is_val_scene(describe(scene)):
-            return scene
 
 
 def text_video_qa(rng, split):
@@ -530,7 +524,7 @@ def text_video_qa(rng, split):
 def text_keyed_copy(rng, split):
     """Keyed copying: a few labelled things, then one asked for by its label (the retrieval a reply needs)."""
     keys = rng.sample(KEYS, rng.randint(2, 6))
-    values = [describe(random_train_scene(rng, 1)) for _ in keys]
+    values = [describe(split_scene(rng, "train", 1)) for _ in keys]
     lines = "\n".join(f"{k}: {v}." for k, v in zip(keys, values))
     i = rng.randrange(len(keys))
     return [f"Remember these.\n{lines}\nWhat is in {keys[i]}?", values[i]]
@@ -538,7 +532,7 @@ def text_keyed_copy(rng, split):
 
 def text_repeat(rng, split):
     """A scene's description said back word for word: copying, the cheapest lesson in attending to the context."""
-    text = describe(random_train_scene(rng))
+    text = describe(split_scene(rng, "train"))
     return [f"Repeat this exactly: {text}.", text]
 
 
@@ -587,7 +581,7 @@ def write_text(path, split, counts, rng):
 
 
 def write_corpus(path, rng, n_captions, repeats):
-    lines = [caption(rng, random_train_scene(rng)) for _ in range(n_captions)]
+    lines = [caption(rng, split_scene(rng, "train")) for _ in range(n_captions)]
     lines += [f"{p} {a}." for p, a in facts() for _ in range(repeats)]
     rng.shuffle(lines)
     with open(path + ".tmp", "w") as f:
