@@ -21,8 +21,9 @@ import traceback
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
-STAGES = ["toyworld.py", "pretrain_tiny.py", "prepare_smol.py", "encode.py", "train_adapter.py", "train_vpit.py",
-          "train_decoder.py", "sample.py", "eval.py", "estimate.py", "pipeline.py", "ablate.py", "benchmark.py"]
+STAGES = ["toy/toyworld.py", "toy/pretrain_tiny.py", "tools/prepare_smol.py", "encode.py", "train_adapter.py",
+          "train_vpit.py", "train_decoder.py", "sample.py", "eval.py", "tools/estimate.py", "pipeline.py",
+          "tools/ablate.py", "tools/benchmark.py"]
 
 
 class ConfigError(ValueError):
@@ -125,8 +126,10 @@ def print_help(g, defaults, config_file, from_file):
     """The script's docstring, how to call it, and every knob: its value now, where it came from, and its comment."""
     script = g.get("__file__", sys.argv[0])
     name, notes = os.path.basename(script), comments(script) if os.path.exists(script) else {}
+    where = os.path.relpath(os.path.abspath(script), ROOT)
+    command = f"-m {where[:-len('.py')].replace(os.sep, '.')}" if os.sep in where and not where.startswith("..") else name
     print(f"{name}: {(g.get('__doc__') or '').strip()}\n")
-    print(f"usage: python {name} [config.py] [--key=value ...]   (config now: {os.path.relpath(config_file)})")
+    print(f"usage: python {command} [config.py] [--key=value ...]   (config now: {os.path.relpath(config_file)})")
     print(f"knobs, with their values now ({os.path.basename(config_file)}: set by the config file):")
     for key in defaults:
         value = f"--{key}={g[key]!r}" + (f"  ({os.path.basename(config_file)})" if key in from_file else "")

@@ -8,19 +8,21 @@ cache. Batches are length-grouped so little compute is spent on padding.
 import hashlib
 import json
 import os
+import re
+import string
 from array import array
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from encode import open_token_cache
-from model import IGNORE, IMAGE, ROLES, build_sample, collate
+from common import open_token_cache
+from model import IGNORE, IMAGE, ROLES, build_sample
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize; the fork must not deadlock them
 
 # a conversation's host memory in a training process: byte offset (int64) + estimated length (int32) + its place in
-# the batch order (int64); `benchmark.py --what=scale` measures it, estimate.py's dry run uses it
+# the batch order (int64); `tools/benchmark.py --what=scale` measures it, tools/estimate.py's dry run uses it
 INDEX_BYTES_PER_CONVERSATION = 8 + 4 + 8
 CALIBRATION = 256  # conversations tokenized at startup to fit the length estimate
 INDEX_FIELDS = ("offsets", "chars", "turns", "images")
@@ -30,7 +32,7 @@ INDEX_FIELDS = ("offsets", "chars", "turns", "images")
 def conversation_problem(sample):
     """(reason, detail) if the sample is not one the loader takes (DESIGN.md), else None: a JSON object with a list of
     image paths and conversations of an optional system turn, then human/gpt pairs, text in every turn, one image per
-    <image> placeholder. prepare.py skips (and logs) such rows; the loader stops on them."""
+    <image> placeholder. tools/prepare.py skips (and logs) such rows; the loader stops on them."""
     if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
         return "not a conversation", "a JSON object with a `conversations` list"
     images, turns = sample.get("images", []), sample["conversations"]
@@ -265,3 +267,80 @@ def random_batches(n, batch_size, seed):
     """Plain shuffled batches (the padded baseline the benchmark compares against)."""
     order = np.random.default_rng(seed).permutation(n)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def collate(samples, visual_tokens, pad_id):
+    """Right-pad samples to one length; slots are shifted to index the concatenation of their visual tokens."""
+    length = max(len(s["input_ids"]) for s in samples)
+    batch = {"input_ids": torch.full((len(samples), length), pad_id), "slots": torch.full((len(samples), length), -1),
+             "labels": torch.full((len(samples), length), IGNORE),
+             "vision_mask": torch.zeros(len(samples), length, dtype=torch.bool),
+             "attention_mask": torch.zeros(len(samples), length, dtype=torch.long)}
+    offset = 0
+    for i, (s, v) in enumerate(zip(samples, visual_tokens)):
+        n = len(s["input_ids"])
+        batch["input_ids"][i, :n], batch["labels"][i, :n] = s["input_ids"], s["labels"]
+        batch["slots"][i, :n] = torch.where(s["slots"] >= 0, s["slots"] + offset, -1)
+        batch["vision_mask"][i, :n], batch["attention_mask"][i, :n] = s["vision_mask"], 1
+        offset += len(v)
+    batch["visual_tokens"] = torch.cat(visual_tokens)  # (0, d) when no sample has an image
+    return batch
+
+
+# ---- conversations as questions and pictures to draw (eval.py) -------------------------------------------------------
+def questions(task, samples):
+    """Every assistant text turn as a question: (conversation up to it, its images, answer, question type). Earlier
+    answers in a multi-turn conversation are given (teacher forcing). Visual thinking: the final answer after the image."""
+    out = []
+    for s in samples:
+        turns, types = s["conversations"], s.get("meta", {}).get("qtypes") or [s.get("meta", {}).get("qtype", task)]
+        for k in range(1, len(turns), 2):
+            asked = turns[:k]
+            n_images = sum(t["value"].count(IMAGE) for t in asked)
+            answer = turns[k]["value"].replace(IMAGE, "").strip()
+            out.append((asked, s["images"][:n_images], answer, types[min(k // 2, len(types) - 1)]))
+    return out
+
+
+def output_images(sample):
+    """Indices (into sample["images"]) of the images inside assistant turns: the ones the model must draw."""
+    indices, k = [], 0
+    for turn in sample["conversations"]:
+        n = turn["value"].count(IMAGE)
+        if turn["from"] == "gpt":
+            indices += range(k, k + n)
+        k += n
+    return indices
+
+
+# ---- answers as the LLaVA / Cambrian eval layouts give them (eval.py) ------------------------------------------------
+OPTION_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA / Cambrian eval prompt
+
+
+def normalize(text):
+    """Lower case, punctuation and surrounding space removed, inner space collapsed."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+def option_letter(prediction, options=()):
+    """The option letter a reply names: "B", "(B)", "B.", "B) circle", "b" alone, "The answer is B", or an option's
+    text. Only the options' letters count (A-Z without options), and a letter that starts a longer reply must be upper
+    case, so "a circle" is not option A."""
+    letters = string.ascii_uppercase[:len(options)] if options else string.ascii_uppercase
+    text = prediction.strip()
+    for k, option in enumerate(options):  # first: an option's own text ("A dog" is option B's text, not letter A)
+        if normalize(text) == normalize(option):
+            return letters[k]
+    found = re.fullmatch(r"\(?([A-Za-z])[).:]?", text) or re.match(r"\(?([A-Z])(?:[).:]|\s|$)", text) or \
+        re.search(r"(?i:\banswer is) \(?([A-Z])\b", text)
+    return found.group(1).upper() if found and found.group(1).upper() in letters else None
+
+
+def is_correct(prediction, answer, options=()):
+    """Letter scoring when there are options or the answer is a letter (the answer may be a letter or an option's
+    text), else normalized exact match."""
+    if options or re.fullmatch(r"[A-Z]", answer.strip()):
+        expected = option_letter(answer, options)
+        return expected is not None and option_letter(prediction, options) == expected
+    return normalize(prediction) == normalize(answer)

@@ -15,9 +15,7 @@ done, so a crash or a kill leaves the shards written so far, and a rerun encodes
 At paper scale the cache is big: 12M images x 64 tokens x 1152 x 2 bytes = ~1.8 TB (the dry run prints it).
 Other stages import: visual_tokens, load_vision_tower, load_image, TokenCache, open_token_cache, fill_cache.
 """
-import functools
 import glob
-import hashlib
 import json
 import math
 import os
@@ -36,7 +34,7 @@ from tqdm import tqdm
 from transformers import AutoImageProcessor, SiglipVisionModel
 from transformers.utils import logging as hf_logging
 
-from model import wants_bf16
+from common import HASHES, LOCATIONS, META, TokenCache, path_hash, setup_distributed, wants_bf16, write_atomically
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"  # conversation JSONL under data_dir/train/*.jsonl and data_dir/val/*.jsonl
@@ -59,7 +57,7 @@ def load_vision_tower(path):
     either a full SiglipModel (the text tower is ignored) or a SiglipVisionModel."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"vision tower not found at {path}: make the toy stand-in with "
-                                "`python pretrain_tiny.py`, or get the real one with "
+                                "`python -m toy.pretrain_tiny`, or get the real one with "
                                 f"`hf download google/siglip-so400m-patch14-384 --local-dir {path}`")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists every text-tower weight as unexpected: we check below
@@ -117,7 +115,7 @@ def image_paths(data_dir):
     files = sorted(f for split in ("train", "val") for f in glob.glob(os.path.join(data_dir, split, "*.jsonl")))
     if not files:
         raise FileNotFoundError(f"no conversation files in {data_dir}/train or {data_dir}/val: "
-                                "make the toy world with `python toyworld.py`")
+                                "make the toy world with `python -m toy.toyworld`")
     paths = set()
     for file in files:
         with open(file) as f:
@@ -136,21 +134,6 @@ def image_paths(data_dir):
 
 
 # ---- the cache -------------------------------------------------------------------------------------------------------
-META, HASHES, LOCATIONS = "cache.json", "index-hashes.npy", "index-locations.npy"
-
-
-def path_hash(path):
-    """An image path's 64-bit key in the index."""
-    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
-
-
-def write_atomically(path, write):
-    """write(temp_path), then rename over path: a reader sees the old file or the new one, never half of one."""
-    temp = f"{path}.tmp"
-    write(temp)
-    os.replace(temp, path)
-
-
 def written_shards(folder):
     """[(shard file, its image paths)] of every whole shard in folder, in name order (a shard without its .paths file
     was cut short: it is not one)."""
@@ -231,67 +214,6 @@ def build_index(folder):
     write_index(folder, [name for name, _ in shards], paths, np.repeat(np.arange(len(shards)), counts), rows, dim)
 
 
-class TokenCache:
-    """Read-only view of a cache folder: cache[image_path] -> float32 (num_tokens, dim), read lazily from its shard.
-    The index is memory-mapped: opening costs the same for 10 images or 10 million."""
-
-    def __init__(self, tokens_dir):
-        if not os.path.exists(os.path.join(tokens_dir, HASHES)):
-            raise FileNotFoundError(f"no token cache at {tokens_dir} (no {HASHES}): run `python encode.py` first")
-        meta = json.loads(Path(os.path.join(tokens_dir, META)).read_text())
-        self.tokens_dir, self.shards = tokens_dir, meta["shards"]
-        self.siglip_path, self.num_tokens, self.dim = meta["siglip_path"], meta["num_tokens"], meta["dim"]
-        self.open_index()
-        if not len(self.hashes) == len(self.locations) == meta["images"]:  # cut short between write_index's files
-            raise ValueError(f"the token cache index in {tokens_dir} is half-written: run `python encode.py` again")
-
-    def open_index(self):
-        self.hashes = np.load(os.path.join(self.tokens_dir, HASHES), mmap_mode="r")
-        self.locations = np.load(os.path.join(self.tokens_dir, LOCATIONS), mmap_mode="r")
-        self._handles = {}  # shard number -> safe_open handle, one per shard
-
-    def __len__(self):
-        return len(self.hashes)
-
-    def locate(self, path):
-        """(shard, row) of path, or None."""
-        key = np.uint64(path_hash(path))
-        i = int(np.searchsorted(self.hashes, key))
-        return tuple(int(x) for x in self.locations[i]) if i < len(self.hashes) and self.hashes[i] == key else None
-
-    def __contains__(self, path):
-        return self.locate(path) is not None
-
-    def __getitem__(self, path):
-        where = self.locate(path)
-        if where is None:
-            raise KeyError(f"image {path} is not in the token cache at {self.tokens_dir}: "
-                           "run `python encode.py` with the data_dir that lists it")
-        shard, row = where
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(os.path.join(self.tokens_dir, self.shards[shard]), framework="pt")
-        return self._handles[shard].get_slice("tokens")[row].float()
-
-    def get_many(self, paths):
-        """float32 (len(paths), num_tokens, dim); no paths (a text-only conversation): (0, num_tokens, dim)."""
-        if not paths:
-            return torch.zeros(0, self.num_tokens, self.dim)
-        return torch.stack([self[path] for path in paths])
-
-    def __getstate__(self):  # DataLoader workers: each maps the index and opens the shards itself
-        return {k: v for k, v in self.__dict__.items() if k not in ("hashes", "locations", "_handles")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.open_index()
-
-
-@functools.lru_cache(maxsize=None)
-def open_token_cache(tokens_dir):
-    """One TokenCache per folder per process: the training set and every val set share it."""
-    return TokenCache(tokens_dir)
-
-
 def fill_cache(folder, todo, encode_batch, rank=0, batch_size=64, shard_size=4096, desc="encode"):
     """Encode todo (this rank's image paths) in batches with encode_batch(paths) -> (the paths it encoded, their
     tensors), written as this rank's shards of shard_size. Returns how many it encoded. (The decoder's VAE latents are
@@ -327,21 +249,8 @@ def load_or_error(path):
         return None, e
 
 
-def setup():
-    """(rank, world size, device): torchrun's, or rank 0 of 1."""
-    cuda = torch.cuda.is_available() and device != "cpu"
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)  # NCCL's barrier and all_reduce run on the current device: this rank's own GPU
-    return rank, world, (dev if device == "auto" else torch.device(device))
-
-
 def main():
-    rank, world, dev = setup()
+    rank, world, dev = setup_distributed(device)
     root, tokens_dir = image_root or data_dir, os.path.join(out_dir, "tokens")
     paths = image_paths(data_dir)
     if rank == 0:

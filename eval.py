@@ -17,21 +17,20 @@ defaults name the toy world's sets); a metric with too few pictures drawn to com
 """
 import json
 import os
-import re
 import string
-import textwrap
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-import toyworld
-from data import read_jsonl
-from encode import TokenCache, image_tokens, load_image, load_vision_tower
-from model import IMAGE, MetaMorph, build_sample, collate, trained_run
-from visualizer import decode_tokens, load_visualizer
+from common import TokenCache, trained_run
+from data import OPTION_PROMPT, collate, is_correct, option_letter, output_images, questions, read_jsonl
+from encode import image_tokens, load_image, load_vision_tower
+from model import IMAGE, MetaMorph, build_sample
+from toy.scenes import BACKGROUND, SIZE, describe, names_toy_scenes, scene_accuracy
+from visualizer import Judges, decode_tokens, load_visualizer, save_grid
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -50,7 +49,7 @@ eval_max_new_tokens = 96  # text tokens of a reply: an answer, or the words arou
 decoder_sample_steps = 25
 decoder_guidance = 1.5
 seed = 0
-image_root = ""  # where the JSONL's image paths start ("": data_dir; real data: prepare.py's --image_root)
+image_root = ""  # where the JSONL's image paths start ("": data_dir; real data: tools/prepare.py's --image_root)
 benchmark_file = ""  # JSONL of {"images": [...], "question": ..., "options": [...]?, "answer": ...}
 benchmark_image_root = ""  # "": the benchmark file's folder
 inception_path = ""  # TorchScript Inception (e.g. inception-2015-12-05.pt): adds standard FID
@@ -60,56 +59,7 @@ eval_ceiling = True  # also score pictures decoded from the TRUE tokens (the dec
 device = "auto"
 # ---------------------------------------------------------------------------------------------------------------------
 GENERATION_SETS = ("generation", "generation_heldout", "generation_riddle")
-SCENE_SCORES = ("position", "shape", "colour", "size", "shape_colour", "object", "count", "scene")  # compare_scenes'
-OPTION_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA / Cambrian eval prompt
-
-
 # ---- scoring ---------------------------------------------------------------------------------------------------------
-def normalize(text):
-    """Lower case, punctuation and surrounding space removed, inner space collapsed."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(text.split())
-
-
-def option_letter(prediction, options=()):
-    """The option letter a reply names: "B", "(B)", "B.", "B) circle", "b" alone, "The answer is B", or an option's
-    text. Only the options' letters count (A-Z without options), and a letter that starts a longer reply must be upper
-    case, so "a circle" is not option A."""
-    letters = string.ascii_uppercase[:len(options)] if options else string.ascii_uppercase
-    text = prediction.strip()
-    for k, option in enumerate(options):  # first: an option's own text ("A dog" is option B's text, not letter A)
-        if normalize(text) == normalize(option):
-            return letters[k]
-    found = re.fullmatch(r"\(?([A-Za-z])[).:]?", text) or re.match(r"\(?([A-Z])(?:[).:]|\s|$)", text) or \
-        re.search(r"(?i:\banswer is) \(?([A-Z])\b", text)
-    return found.group(1).upper() if found and found.group(1).upper() in letters else None
-
-
-def is_correct(prediction, answer, options=()):
-    """Letter scoring when there are options or the answer is a letter (the answer may be a letter or an option's
-    text), else normalized exact match."""
-    if options or re.fullmatch(r"[A-Z]", answer.strip()):
-        expected = option_letter(answer, options)
-        return expected is not None and option_letter(prediction, options) == expected
-    return normalize(prediction) == normalize(answer)
-
-
-def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to two feature sets (N, d):
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64 via symmetric eigendecompositions."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(s_a)
-    root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
-    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp(min=0).sqrt().sum()
-    return float(((mu_a - mu_b) ** 2).sum() + s_a.trace() + s_b.trace() - 2 * cross)
-
-
-def mean_of(dicts):
-    """Key-wise mean of a list of dicts of numbers or booleans."""
-    return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]} if dicts else {}
-
-
 # ---- what the data holds ---------------------------------------------------------------------------------------------
 def val_file(task):
     return os.path.join(data_dir, "val", f"{task}.jsonl")
@@ -132,27 +82,7 @@ def sets_in_data():
     return understand, draw, notes
 
 
-def names_toy_scenes(samples):
-    """Whether every sample names the toy world's scenes of its pictures (meta.scenes): only there can the toy world's
-    scene reader score a picture (another dataset's pictures it would misread). eval.py and train_decoder.py ask."""
-    return bool(samples) and all("scenes" in s.get("meta", {}) for s in samples)
-
-
 # ---- understanding ---------------------------------------------------------------------------------------------------
-def questions(task, samples):
-    """Every assistant text turn as a question: (conversation up to it, its images, answer, question type). Earlier
-    answers in a multi-turn conversation are given (teacher forcing). Visual thinking: the final answer after the image."""
-    out = []
-    for s in samples:
-        turns, types = s["conversations"], s.get("meta", {}).get("qtypes") or [s.get("meta", {}).get("qtype", task)]
-        for k in range(1, len(turns), 2):
-            asked = turns[:k]
-            n_images = sum(t["value"].count(IMAGE) for t in asked)
-            answer = turns[k]["value"].replace(IMAGE, "").strip()
-            out.append((asked, s["images"][:n_images], answer, types[min(k // 2, len(types) - 1)]))
-    return out
-
-
 def replies(model, cache, items, dev):
     """Greedy replies to (conversation, image paths) items, eval_batch_size at a time side by side in one KV cache
     (model.generate_batch), eval_max_new_tokens text tokens at most: per item, its pieces (text ids, image tokens, text
@@ -238,17 +168,6 @@ def run_benchmark_file(model, tower, processor, dev):
 
 
 # ---- generation ------------------------------------------------------------------------------------------------------
-def output_images(sample):
-    """Indices (into sample["images"]) of the images inside assistant turns: the ones the model must draw."""
-    indices, k = [], 0
-    for turn in sample["conversations"]:
-        n = turn["value"].count(IMAGE)
-        if turn["from"] == "gpt":
-            indices += range(k, k + n)
-        k += n
-    return indices
-
-
 def predicted_tokens(model, cache, samples, dev):
     """For every sample: the true tokens of its output images and the model's prediction for each (None when the
     model drew fewer images than asked for), from its greedy reply to the first turn."""
@@ -281,81 +200,6 @@ def teacher_forced_cosine(model, cache, samples, dev):
     others = samples[1:] + samples[:1]
     return {"own": mean_cosine([s["conversations"] for s in samples]),
             "other": mean_cosine([o["conversations"][:1] + s["conversations"][1:] for s, o in zip(samples, others)])}
-
-
-def scene_accuracy(pictures, targets):
-    """Mean attribute scores over target objects and picture scores over pictures (toyworld.compare_scenes); without
-    pictures every score is None (n/a)."""
-    if not pictures:
-        return dict.fromkeys(SCENE_SCORES)
-    objects, whole = [], []
-    for picture, target in zip(pictures, targets):
-        per_object, per_picture = toyworld.compare_scenes(target, toyworld.read_scene(picture))
-        objects += per_object
-        whole.append(per_picture)
-    return {**mean_of(objects), **mean_of(whole)}
-
-
-def text_image_model(path, dev):
-    """(model, tokenizer, image processor) of a local CLIP or SigLIP folder: both give normalized image_embeds and
-    text_embeds."""
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
-    return (AutoModel.from_pretrained(path).eval().to(dev), AutoTokenizer.from_pretrained(path),
-            AutoImageProcessor.from_pretrained(path))
-
-
-def in_chunks(features, pictures, size=64):
-    """features(chunk) of pictures, size at a time, concatenated."""
-    return torch.cat([features(pictures[i:i + size]) for i in range(0, len(pictures), size)])
-
-
-class Judges:
-    """The feature spaces generated pictures are measured in: SigLIP (always), Inception and CLIP (when local weights
-    are configured)."""
-
-    def __init__(self, tower, processor, dev):
-        self.tower, self.processor, self.dev = tower, processor, dev
-        self.siglip = text_image_model(siglip_path, dev)
-        self.clip = text_image_model(clip_path, dev) if clip_path else None
-        self.inception = torch.jit.load(inception_path).eval().to(dev) if inception_path else None
-
-    @torch.no_grad()
-    def pooled(self, pictures):
-        pixels = lambda chunk: self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.dev)
-        return in_chunks(lambda chunk: self.tower(pixels(chunk)).pooler_output.cpu(), pictures)
-
-    @torch.no_grad()
-    def inception_features(self, pictures):  # the TorchScript detector of StyleGAN-ADA's metrics takes uint8 NCHW
-        """Inception features of pictures of any sizes: each resized to the detector's 299 x 299, 64 at a time."""
-        pixels = lambda chunk: torch.tensor(np.stack([np.asarray(p.convert("RGB").resize((299, 299), Image.BICUBIC))
-                                                      for p in chunk])).permute(0, 3, 1, 2).to(self.dev)
-        return in_chunks(lambda chunk: self.inception(pixels(chunk), return_features=True).cpu(), pictures)
-
-    @torch.no_grad()
-    def text_score(self, judge, pictures, prompts):
-        """100 x max(cos(image embedding, text embedding), 0), averaged: the CLIP score (CLIP) or its analogue."""
-        model, tokenizer, processor = judge
-        scores = []
-        for i in range(0, len(pictures), 64):
-            text = tokenizer(prompts[i:i + 64], padding="max_length", truncation=True,
-                             max_length=min(tokenizer.model_max_length, 77), return_tensors="pt").to(self.dev)
-            pixels = processor(images=pictures[i:i + 64], return_tensors="pt")["pixel_values"].to(self.dev)
-            out = model(input_ids=text["input_ids"], pixel_values=pixels)
-            scores.append(100 * F.cosine_similarity(out.image_embeds, out.text_embeds).clamp(min=0).cpu())
-        return float(torch.cat(scores).mean())
-
-    def metrics(self, pictures, real, texts):
-        """Frechet distances of the pictures to the real ones, text-image scores against their texts; None (n/a) where
-        there are too few pictures: a score needs one, a Frechet distance two (a covariance)."""
-        distance = lambda features: frechet_distance(features(pictures), features(real)) if len(pictures) > 1 else None
-        score = lambda judge: self.text_score(judge, pictures, texts) if pictures else None
-        out = {"fd_siglip": distance(self.pooled), "siglip_score": score(self.siglip)}
-        if self.inception is not None:
-            out["fid"] = distance(self.inception_features)
-        if self.clip is not None:
-            out["clip_score"] = score(self.clip)
-        return out
 
 
 def picture_metrics(judges, pictures, which, targets, real, texts):
@@ -393,9 +237,9 @@ def generation(model, visualizer, cache, judges, dev, sets):
             prompts = [s["conversations"][0]["value"] for s, _, _, _ in items]
             # the text-image score compares a picture with words that describe it; a riddle's words do not (the
             # stand-in's text tower cannot solve it), so riddles are scored against the scene they mean, in plain words
-            texts = [toyworld.describe(t) for t in targets] if task == "generation_riddle" else prompts
+            texts = [describe(t) for t in targets] if task == "generation_riddle" else prompts
             side, drawn_for = visualizer.decoder.resolution, dict(zip(drawn, pictures))
-            blank = Image.new("RGB", (side, side), toyworld.BACKGROUND)  # in the grid, a picture the model did not draw
+            blank = Image.new("RGB", (side, side), BACKGROUND)  # in the grid, a picture the model did not draw
             white = Image.new("RGB", (side, side), "white")  # eval_ceiling=False: an empty column
             rows = [(prompts[k], real[k], ceiling[k] if ceiling else white, drawn_for.get(k, blank))
                     for k in range(len(items))]
@@ -407,21 +251,6 @@ def generation(model, visualizer, cache, judges, dev, sets):
 
 
 # ---- the report ------------------------------------------------------------------------------------------------------
-def save_grid(rows, path, scale=2):
-    """One row per prompt: the real picture, the one decoded from its true tokens, the model's; then the prompt."""
-    side, text_width = toyworld.SIZE * scale, 560
-    grid = Image.new("RGB", (3 * (side + 4) + text_width, 20 + len(rows) * (side + 4)), "white")
-    draw = ImageDraw.Draw(grid)
-    for k, title in enumerate(["real", "true tokens", "model"]):
-        draw.text((k * (side + 4) + 4, 4), title, fill="black")
-    for r, (prompt, *pictures) in enumerate(rows):
-        y = 20 + r * (side + 4)
-        for k, picture in enumerate(pictures):
-            grid.paste(picture.resize((side, side), Image.NEAREST), (k * (side + 4), y))
-        draw.multiline_text((3 * (side + 4) + 4, y + 8), "\n".join(textwrap.wrap(prompt, 80)[:6]), fill="black")
-    grid.save(path)
-
-
 def cell(metrics, key, show, count):
     """A report cell: show(value); "-" where the metric does not apply (no scenes: real data); n/a where too few
     pictures were there to compute it (None in results.json)."""
@@ -488,11 +317,12 @@ def main():
     results["generation"], grid = {}, []
     if draw:
         visualizer = load_visualizer(os.path.join(run, "decoder"), vae_path, dev)
-        results["generation"], grid = generation(model, visualizer, cache, Judges(tower, processor, dev), dev, draw)
+        judges = Judges(tower, processor, dev, siglip_path, clip_path, inception_path)
+        results["generation"], grid = generation(model, visualizer, cache, judges, dev, draw)
     eval_dir = os.path.join(out_dir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     json.dump(results, open(os.path.join(eval_dir, "results.json"), "w"), indent=1)
-    save_grid(grid, os.path.join(eval_dir, "grid.png"))
+    save_grid(grid, os.path.join(eval_dir, "grid.png"), SIZE)
     report = markdown(results)
     open(os.path.join(eval_dir, "report.md"), "w").write(report)
     print(report)

@@ -12,11 +12,8 @@ a time).
 
 The diffusion visualizer (Sec. 2.3) that turns 64 tokens back into pixels is in visualizer.py.
 """
-import contextlib
 import json
 import os
-import shutil
-import sys
 
 import torch
 import torch.nn as nn
@@ -24,57 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common import broadcast_from_rank0, save_atomically, whole
+
 IMAGE, IMAGE_START, IMAGE_END = "<image>", "<image_start>", "<image_end>"
 IGNORE = -100
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-
-
-def save_atomically(save, path):
-    """save(tmp) writes a folder; it replaces path only once complete, so a crash leaves the previous one intact."""
-    path = path.rstrip("/")
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(path):
-        os.replace(path, old)  # two renames: no moment without a complete folder but the instant between them
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def trained_run(out_dir, shipped_run=""):
-    """The run sample.py and eval.py use: out_dir when it holds a trained model (vpit/), else the shipped toy run
-    (shipped_run, "" for none); says so on stderr when it is the shipped one."""
-    for path in (out_dir, shipped_run):
-        if path and os.path.exists(os.path.join(path, "vpit", "metamorph.json")):
-            if path != out_dir:
-                print(f"no trained model in {out_dir}: using the shipped toy run in {path}", file=sys.stderr)
-            return path
-    raise FileNotFoundError(f"no trained model at {os.path.join(out_dir, 'vpit')}: run `python train_adapter.py && "
-                            "python train_vpit.py` (with your config file)")
-
-
-def whole(params):
-    """A context in which parameters that DeepSpeed ZeRO-3 split across the ranks are whole, and what rank 0 writes
-    into them is kept. Ordinary parameters need nothing."""
-    params = list({id(p): p for p in params if hasattr(p, "ds_id")}.values())  # (a tied table once)
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-
-def wants_bf16(dtype, device, amx_cpu=False):
-    """Whether a stage's `dtype` knob means bf16 autocast: "bfloat16" always; "auto" on a CUDA GPU with bf16 and, when
-    amx_cpu, on a CPU with AMX bf16 units (there matmuls run ~7x faster in bf16: pretrain_tiny.py's SigLIP and VAE steps
-    take 21% and 40% less time, encode.py's SigLIP forward 40%; the LLM's and the decoder UNet's steps do not gain, so
-    those stages leave amx_cpu off)."""
-    if dtype == "auto" and device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if dtype == "auto" and device.type == "cpu":
-        return amx_cpu and torch.cpu._is_amx_tile_supported()
-    return dtype == "bfloat16"
 
 
 def mlp(d_in, d_hidden, d_out):
@@ -96,7 +47,7 @@ class MetaMorph(nn.Module):
     def from_llm(cls, llm_path, vision_dim, num_visual_tokens=64, dtype=torch.float32):
         """A pretrained LLM (a local folder) + new image delimiters + a fresh adapter and vision head."""
         if not os.path.isdir(llm_path):
-            raise FileNotFoundError(f"LLM not found at {llm_path} (for the toy stand-in run `python pretrain_tiny.py`)")
+            raise FileNotFoundError(f"LLM not found at {llm_path} (the toy stand-in: `python -m toy.pretrain_tiny`)")
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
         llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
         vocab = len(tokenizer)
@@ -298,15 +249,6 @@ class MetaMorph(nn.Module):
             h = step(embeds)
 
 
-def broadcast_from_rank0(tokens, device):
-    """Rank 0's list of token ids, on every rank."""
-    import torch.distributed as dist
-
-    shared = torch.tensor(tokens, device=device)
-    dist.broadcast(shared, 0)
-    return shared.tolist()
-
-
 def sample_tokens(logits, temperature=0.0, top_p=1.0, generator=None):
     """(n, vocab) logits -> n token ids: greedy when temperature is 0, else nucleus sampling. One host sync for the
     whole batch (a GPU waits once a step, not once a row)."""
@@ -394,19 +336,3 @@ def left_padded(prompts, visual_tokens, pad_id):
     return ids, slots, mask, torch.cat(visual_tokens)
 
 
-def collate(samples, visual_tokens, pad_id):
-    """Right-pad samples to one length; slots are shifted to index the concatenation of their visual tokens."""
-    length = max(len(s["input_ids"]) for s in samples)
-    batch = {"input_ids": torch.full((len(samples), length), pad_id), "slots": torch.full((len(samples), length), -1),
-             "labels": torch.full((len(samples), length), IGNORE),
-             "vision_mask": torch.zeros(len(samples), length, dtype=torch.bool),
-             "attention_mask": torch.zeros(len(samples), length, dtype=torch.long)}
-    offset = 0
-    for i, (s, v) in enumerate(zip(samples, visual_tokens)):
-        n = len(s["input_ids"])
-        batch["input_ids"][i, :n], batch["labels"][i, :n] = s["input_ids"], s["labels"]
-        batch["slots"][i, :n] = torch.where(s["slots"] >= 0, s["slots"] + offset, -1)
-        batch["vision_mask"][i, :n], batch["attention_mask"][i, :n] = s["vision_mask"], 1
-        offset += len(v)
-    batch["visual_tokens"] = torch.cat(visual_tokens)  # (0, d) when no sample has an image
-    return batch

@@ -5,8 +5,9 @@ The whole job, one command: every stage in order, each skipped when its artefact
     python pipeline.py configs/8b.py      # real models and data: encode, stage 1, stage 2, decoder, eval, samples
     python pipeline.py --force=train_vpit.py   # run one stage again (and so the stages after it)
 
-Stages run as their own processes (`python <stage> <config>`), exactly as a person would type them, so their progress
-bars and messages show; `launcher` puts e.g. torchrun in front of encode.py and the training stages on a GPU machine.
+Stages run as their own processes (`python <stage> <config>`, `python -m toy.<script>` for the toy world's), exactly as
+a person would type them, so their progress bars and messages show; `launcher` puts e.g. torchrun in front of encode.py
+and the training stages on a GPU machine.
 At the end it prints the eval report and makes a few sample PNGs with sample.py.
 """
 import os
@@ -38,8 +39,8 @@ def stages():
     """(script, artefact that says it is done or None: always run, runs under the launcher, what --force clears
     besides the artefact's folder). Every artefact is written last, when its stage has finished."""
     base, out = os.path.dirname(llm_path), lambda *parts: os.path.join(out_dir, *parts)
-    toy = [("toyworld.py", os.path.join(data_dir, "corpus.txt"), False, []),
-           ("pretrain_tiny.py", os.path.join(base, "pretrain_report.json"), False, [])] if toy_world else []
+    toy = [("toy/toyworld.py", os.path.join(data_dir, "corpus.txt"), False, []),
+           ("toy/pretrain_tiny.py", os.path.join(base, "pretrain_report.json"), False, [])] if toy_world else []
     # encode.py always runs: it encodes only what no shard holds yet (a killed run leaves its shards), in seconds when
     # nothing is missing; under the launcher its ranks split the images
     return toy + [("encode.py", None, True, [out("tokens")]),
@@ -51,7 +52,8 @@ def stages():
 
 
 def run(script, config, parallel, *args):
-    command = (shlex.split(launcher) if parallel and launcher else [sys.executable]) + [script, config, *args]
+    module = ["-m", script[:-len(".py")].replace("/", ".")] if "/" in script else [script]  # toy/x.py: python -m toy.x
+    command = (shlex.split(launcher) if parallel and launcher else [sys.executable]) + [*module, config, *args]
     print(f"\n=== {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, check=True)
@@ -60,7 +62,7 @@ def run(script, config, parallel, *args):
 
 def plan():
     """The stages to run, in order: those not done, and --force's stage with every stage after it. A forced stage
-    starts clean: its artefact's folder, checkpoints and caches are removed (toyworld.py clears its own folder)."""
+    starts clean: its artefact's folder, checkpoints and caches are removed (toy/toyworld.py clears its own folder)."""
     names = [s for s, _, _, _ in stages()]
     if force and force not in names:
         raise ValueError(f"--force={force}: not a stage of this pipeline ({', '.join(names)})")
@@ -70,7 +72,7 @@ def plan():
         if done and os.path.exists(done) and not forced:
             print(f"=== {script}: done ({done} exists), skipped")
             continue
-        if forced and script != "toyworld.py":
+        if forced and script != "toy/toyworld.py":
             for folder in ([os.path.dirname(done)] if done else []) + clears:
                 shutil.rmtree(folder, ignore_errors=True)
         todo.append((script, parallel))

@@ -16,8 +16,9 @@ import os
 
 import torch
 
+from common import trained_run
 from encode import image_tokens, load_image, load_vision_tower
-from model import IMAGE, MetaMorph, build_sample, encode_text, trained_run
+from model import IMAGE, MetaMorph, build_sample, encode_text
 from visualizer import decode_tokens, load_visualizer
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ import time
 import torch
 
 from data import stage_data
-from encode import open_token_cache
-from model import MetaMorph, save_atomically, whole
-from train_vpit import built_in_shards, finish_distributed, load_dtype, partitioned, setup_distributed, train, \
-    val_losses
+from common import (built_in_shards, finish_distributed, load_dtype, open_token_cache, partitioned, save_atomically,
+                    setup_distributed, whole)
+from model import MetaMorph
+from train_vpit import train, val_losses
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -66,7 +66,7 @@ def freeze_all_but_adapter(model):
 
 
 def main():
-    rank, world, dev = setup_distributed()
+    rank, world, dev = setup_distributed(device)
     torch.manual_seed(seed)
     random.seed(seed)
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in ("adapter", "tokens", "ckpt/adapter"))

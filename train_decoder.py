@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -35,13 +34,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from tqdm import tqdm
 
+from common import TokenCache, save_atomically, save_checkpoint, setup_distributed, wants_bf16
 from data import load_mixture
-from encode import TokenCache, cached_paths, check_meta, fill_cache, finish_cache, load_image
-from eval import names_toy_scenes
-from model import save_atomically, wants_bf16
-from toyworld import compare_scenes, read_scene
-from train_vpit import save_checkpoint, setup_distributed
-from visualizer import Decoder, Visualizer, decode_tokens, load_vae
+from encode import cached_paths, check_meta, fill_cache, finish_cache, load_image
+from toy.scenes import names_toy_scenes, scene_agreement
+from visualizer import Decoder, Visualizer, decode_tokens, grid, load_vae
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -267,32 +264,6 @@ def reconstruct(vis, tokens, paths):
     decodings = decode_tokens(vis, tokens.get_many(paths), decoder_sample_steps, decoder_guidance, seed,
                               decoder_micro_batch_size)
     return originals, decodings
-
-
-def grid(originals, decodings, per_row=8):
-    """Rows of originals, each with a row of their decodings under it."""
-    s = originals[0].size[0]
-    rows = math.ceil(len(originals) / per_row)
-    canvas = Image.new("RGB", (s * min(per_row, len(originals)), 2 * s * rows), "white")
-    for i, (a, b) in enumerate(zip(originals, decodings)):
-        x, y = s * (i % per_row), 2 * s * (i // per_row)
-        canvas.paste(a, (x, y))
-        canvas.paste(b, (x, y + s))
-    return canvas
-
-
-def scene_agreement(originals, decodings):
-    """Toy world (GenEval-style): of the objects read_scene finds in the originals, the share that the decoding has
-    with the same shape and colour at the same grid position, and the share matched on shape and colour anywhere."""
-    at_position = anywhere = total = 0
-    for original, decoding in zip(originals, decodings):
-        want, got = read_scene(original), read_scene(decoding)
-        total += len(want)
-        at_position += sum(o["shape_colour"] for o in compare_scenes(want, got)[0])
-        kinds = lambda objects: Counter((o["shape"], o["colour"]) for o in objects)
-        anywhere += sum((kinds(want) & kinds(got)).values())
-    return {"objects": total, "shape_colour_at_position": at_position / max(1, total),
-            "shape_colour_anywhere": anywhere / max(1, total)}
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------

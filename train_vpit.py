@@ -15,7 +15,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 
 import torch
@@ -23,8 +22,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import batch_loader, length_grouped_batches, read_jsonl, stage_data
-from encode import open_token_cache
-from model import MetaMorph, build_sample, save_atomically, wants_bf16
+from common import (built_in_shards, deepspeed_settings, finish_distributed, keep_latest_deepspeed_checkpoint,
+                    load_dtype, open_token_cache, partitioned, save_checkpoint, setup_distributed, wants_bf16,
+                    whole_state_dict)
+from model import MetaMorph, build_sample
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -36,7 +37,7 @@ vpit_data = {"image_qa": -1, "video_qa": -1, "generation": -1, "image_edit": -1,
 vpit_val = 64  # val samples per task for the periodic val loss
 vpit_init = "adapter"  # stage-1 checkpoint under out_dir whose adapter and delimiter rows start stage 2 ("": fresh)
 vpit_lead_in = {}  # a mixture trained alone, for vpit_lead_in_epochs, before vpit_data ({}: none, the paper's recipe)
-vpit_lead_in_epochs = 1  # ablate.py's equal-steps runs use the lead-in to give every mix the same number of steps
+vpit_lead_in_epochs = 1  # tools/ablate.py's equal-steps runs use the lead-in to give every mix the same number of steps
 vpit_lr = 3e-4  # toy: 1e-3 learned only the answers' priors; 3e-4 reads the context (docs/toy_experiments.md)
 vpit_weight_decay = 0.0  # Tab. 2
 vpit_batch_size = 16  # global batch, in conversations (toy: 4x the steps of 64 for the same compute)
@@ -59,34 +60,6 @@ seed = 1337
 device = "auto"
 dry_run = False
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def setup_distributed():
-    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain run is rank 0 of 1."""
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    else:
-        rank, world, dev = 0, 1, torch.device("cuda" if cuda else "cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return rank, world, dev
-
-
-def finish_distributed(deepspeed_config):
-    """Tear down torchrun's process groups at the end of a run. DeepSpeed's engine keeps hooks on the parameters that it
-    never removes, so it and its process groups outlive destroy_process_group(), and their communication threads can
-    abort the interpreter's exit after a finished, saved run (2 of 101 two-process CPU runs): such a run leaves at once."""
-    if not dist.is_initialized():
-        return
-    dist.barrier()
-    dist.destroy_process_group()
-    if deepspeed_config:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 def cosine_schedule(step, total, warmup_ratio, decay=True):
@@ -122,14 +95,6 @@ def val_losses(model, val_sets, micro_batch, dev, amp):
             report[task]["vision_cos"] = cos / targets
     model.train()
     return report
-
-
-def save_checkpoint(path, model, save_model, optimizer, scheduler, step):
-    """Atomic: the model in its stage's format + the trainer state (optimizer, schedule, step, RNG)."""
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    save_atomically(lambda tmp: (save_model(model, tmp), torch.save(state, os.path.join(tmp, "trainer.pt"))), path)
 
 
 def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, world=1, dev=torch.device("cpu")):
@@ -249,61 +214,6 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
     return engine if step == total_steps else None
 
 
-def keep_latest_deepspeed_checkpoint(folder):
-    """DeepSpeed saves every checkpoint to a new global_step<N> folder and removes none (8B: ~97 GB of fp32 weights and
-    Adam moments each): once all ranks have written one, keep only the one its `latest` file names."""
-    latest = open(os.path.join(folder, "latest")).read().strip()
-    for name in os.listdir(folder):
-        if name.startswith("global_step") and name != latest:
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-
-
-def deepspeed_settings(hp, world, dev):
-    """The DeepSpeed JSON the config names, with this run's batch sizes, clipping and precision filled in."""
-    settings = json.load(open(hp["deepspeed_config"]))
-    settings.update(train_micro_batch_size_per_gpu=hp["micro_batch_size"], train_batch_size=hp["batch_size"],
-                    gradient_accumulation_steps=hp["batch_size"] // (hp["micro_batch_size"] * world),
-                    gradient_clipping=hp["grad_clip"], bf16={"enabled": wants_bf16(hp["dtype"], dev)},
-                    zero_allow_untested_optimizer=True)
-    return settings
-
-
-@contextlib.contextmanager
-def built_in_shards(hp, world, dev):
-    """Under a ZeRO-3 config, a model built (from_pretrained) in here comes out already split across the ranks
-    (transformers loads it under deepspeed.zero.Init): no rank ever holds all of a 70B LLM. Otherwise nothing."""
-    settings = deepspeed_settings(hp, world, dev) if hp["deepspeed_config"] else {}
-    if settings.get("zero_optimization", {}).get("stage") != 3:
-        yield
-        return
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
-    deepspeed.init_distributed()  # DeepSpeed's view of torchrun's process group (its world size)
-    zero3 = HfDeepSpeedConfig(settings)  # from_pretrained reads it while it lives
-    yield
-    del zero3
-
-
-def partitioned(engine):
-    """Whether the engine split the weights across the ranks (ZeRO-3): then every forward is a collective."""
-    return getattr(engine, "zero_optimization_partition_weights", lambda: False)()
-
-
-def load_dtype(hp, dev):
-    """bf16 weights where DeepSpeed trains in bf16 (it keeps the fp32 master copy of what trains): an 8B LLM loads
-    as 16 GB on each rank, not 32; fp32 otherwise (plain bf16 autocast keeps fp32 weights)."""
-    return torch.bfloat16 if hp["deepspeed_config"] and wants_bf16(hp["dtype"], dev) else torch.float32
-
-
-def whole_state_dict(engine):
-    """Every rank calls it. Under ZeRO-3 the engine gathers the 16-bit weights one module at a time onto rank 0's CPU
-    (no rank ever holds the whole model on its GPU); None where the modules are whole already."""
-    if partitioned(engine):
-        return engine._zero3_consolidated_16bit_state_dict()
-    return None
-
-
 @torch.no_grad()
 def exact_match(model, samples, cache, dev, lockstep=False, limit=200, batch_size=32):
     """Greedy answers to the first questions of val conversations (batch_size side by side in one KV cache, as eval.py
@@ -377,11 +287,11 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
 
 
 def main():
-    rank, world, dev = setup_distributed()
+    rank, world, dev = setup_distributed(device)
     torch.manual_seed(seed)
     random.seed(seed)
     if dry_run:
-        import estimate
+        from tools import estimate
 
         return estimate.report(llm_path, None, num_visual_tokens, {k: v for k, v in globals().items()
                                                                    if not k.startswith("_")})

@@ -1,5 +1,5 @@
 # MetaMorph with LLaMA-3.1-70B-Instruct + SigLIP so400m-14@384 + SD-1.5, on H100s (PAPER.md; same shape as 8b.py).
-#   torchrun ... train_vpit.py configs/70b.py        python estimate.py configs/70b.py  (dry run)
+#   torchrun ... train_vpit.py configs/70b.py        python -m tools.estimate configs/70b.py  (dry run)
 # Every model is a LOCAL folder (nothing downloads from a hub): put the HF snapshots under checkpoints/.
 
 # ---- models (PAPER.md Sec. 2, Sec. 2.3) -----------------------------------------------------------------------------
@@ -48,7 +48,7 @@ vpit_warmup_ratio = 0.03  # cosine schedule after a 3% warm-up (released scripts
 vision_loss_weight = 1.0  # Sec. 2: total = CE + 1.0 x (1 - cos)
 deepspeed_config = "configs/zero3.json"  # ZeRO-3 on H100 (App. A.1)
 
-# ---- cadence: from the dry run's 17,968 steps in 9.6 h = 1,876 steps/h (python estimate.py configs/70b.py) -----------
+# ---- cadence: from the dry run's 17,968 steps in 9.6 h = 1,876 steps/h (python -m tools.estimate configs/70b.py) -----
 # Shared by stage 1, stage 2 and the decoder (train_adapter.py, train_vpit.py, train_decoder.py).
 log_interval = 10  # steps between progress lines (~19 s); the log file records every step
 eval_interval = 630  # a val pass every ~20 min of training, not at toy cadence
@@ -74,7 +74,7 @@ decoder_sample_steps = 50  # released sampling: 50 steps, guidance 6-12.5
 decoder_guidance = 7.5
 decoder_grid_interval = 500
 
-# ---- dry-run assumptions (estimate.py; train_vpit.py --dry_run=True) -----------------------------------------------
+# ---- dry-run assumptions (tools/estimate.py; train_vpit.py --dry_run=True) -------------------------------------------
 gpu_count = 256  # 32 nodes x 8 H100
 gpu_memory_gb = 80
 gpu_peak_tflops = 989.0  # H100 SXM dense bf16
@@ -87,5 +87,5 @@ toy_world = False  # real data and models: no toy world, no stand-ins
 samples = [("Generate an image of a red apple on a wooden table.", "")]  # (prompt, picture under data_dir or "")
 
 # ---- eval.py on real data ------------------------------------------------------------------------------------------
-eval_understanding = {"image_qa": 500}  # val/<task>.jsonl as prepare.py writes them (add video_qa where converted)
+eval_understanding = {"image_qa": 500}  # val/<task>.jsonl as tools/prepare.py writes them (+ video_qa where converted)
 eval_generation = {"generation": 200}  # no held-out or riddle sets, no scene reader: FD, SigLIP score, token cosine

@@ -4,7 +4,7 @@
 #     python encode.py configs/objects.py        ... then train_adapter.py, train_vpit.py, train_decoder.py,
 #     eval.py and sample.py with the same config, or all of it: python pipeline.py configs/objects.py
 
-# ---- the base models: the toy stand-ins (python toyworld.py && python pretrain_tiny.py), or local HF folders --------
+# ---- the base models: the toy stand-ins (python -m toy.toyworld && python -m toy.pretrain_tiny), or local HF folders -
 siglip_path = "toy/base/siglip"
 llm_path = "toy/base/llm"
 vae_path = "toy/base/vae"

@@ -1,5 +1,5 @@
 # The built-in toy world on a laptop CPU: every stage, from the stand-in base models the repo ships in toy/base
-# (pretrain_tiny.py made them; `rm -r toy/base && python pretrain_tiny.py` makes them again).
+# (toy/pretrain_tiny.py made them; `rm -r toy/base && python -m toy.pretrain_tiny` makes them again).
 data_dir = "data/toy"
 siglip_path = "toy/base/siglip"
 llm_path = "toy/base/llm"

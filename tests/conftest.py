@@ -1,5 +1,5 @@
 """Shared fixtures: a micro toy world, micro stand-ins and their token cache, made once per test session by the real
-scripts (toyworld.py, pretrain_tiny.py, encode.py) at micro sizes; and a run of untrained micro models over them."""
+scripts (toy/toyworld.py, toy/pretrain_tiny.py, encode.py) at micro sizes; and a run of untrained micro models over them."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from encode import TokenCache  # noqa: E402  (the project's modules, once ROOT is on the path)
+from common import TokenCache  # noqa: E402  (the project's modules, once ROOT is on the path)
 from model import MetaMorph  # noqa: E402
 from visualizer import Decoder  # noqa: E402
 
@@ -29,7 +29,8 @@ MICRO_MODELS = ["--siglip_width=32", "--siglip_layers=1", "--siglip_steps=3", "-
 def run(script, *args, env=None, check=True, timeout=None):
     """Run a project script (or torchrun ...) from the repo root; return the CompletedProcess. timeout: seconds, for
     runs that could hang (a collective one rank never joins)."""
-    cmd = [sys.executable, script, *args] if script.endswith(".py") else [script, *args]
+    module = ["-m", script[:-len(".py")].replace("/", ".")] if "/" in script else [script]  # toy/x.py: -m toy.x
+    cmd = [sys.executable, *module, *args] if script.endswith(".py") else [script, *args]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
                          timeout=timeout)
     if check and out.returncode != 0:
@@ -44,8 +45,8 @@ def micro(tmp_path_factory):
     data_dir, out_dir = str(root / "world"), str(root / "out")
     base = f"{out_dir}/base"
     paths = [f"--siglip_path={base}/siglip", f"--llm_path={base}/llm", f"--vae_path={base}/vae"]
-    run("toyworld.py", f"--data_dir={data_dir}", *MICRO_WORLD)
-    run("pretrain_tiny.py", f"--data_dir={data_dir}", *paths, *MICRO_MODELS)
+    run("toy/toyworld.py", f"--data_dir={data_dir}", *MICRO_WORLD)
+    run("toy/pretrain_tiny.py", f"--data_dir={data_dir}", *paths, *MICRO_MODELS)
     run("encode.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", paths[0])
     return {"data_dir": data_dir, "out_dir": out_dir, "base": base,
             "args": [f"--data_dir={data_dir}", f"--out_dir={out_dir}", paths[1]]}

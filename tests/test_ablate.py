@@ -1,6 +1,6 @@
 """ablate.py's equal-steps runs: every mix, whatever its size, gets about the same number of optimizer steps, through
 train_vpit.py's own knobs."""
-import ablate
+from tools import ablate
 import train_vpit
 from configurator import configure
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-import benchmark
+from tools import benchmark
 from data import parse_line
-from encode import open_token_cache
+from common import open_token_cache
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "table", "light", "music", "over", "under"]
 

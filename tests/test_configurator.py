@@ -125,7 +125,8 @@ def test_help_shows_the_values_after_the_config_file(tmp_path, capsys):
 
 
 def run_script(script, *args):
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
+    module = ["-m", script[:-len(".py")].replace("/", ".")] if "/" in script else [script]  # tools/x.py: -m tools.x
+    return subprocess.run([sys.executable, *module, *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_every_script_answers_help_with_its_knobs():
@@ -135,7 +136,7 @@ def test_every_script_answers_help_with_its_knobs():
         helps = dict(zip(scripts, pool.map(lambda s: run_script(s, "--help"), scripts)))
     for script, out in helps.items():
         assert out.returncode == 0 and "Traceback" not in out.stderr, (script, out.stderr[-2000:])
-        assert out.stdout.startswith(f"{script}: "), (script, out.stdout[:500])
+        assert out.stdout.startswith(f"{os.path.basename(script)}: "), (script, out.stdout[:500])
         assert re.search(r"\n  --\w+=.+\n      \S", out.stdout), (script, out.stdout)  # a knob, its value, its comment
     assert "--encode_shard_size=4096\n      images per safetensors shard" in helps["encode.py"].stdout
     assert "--data_dir='data/toy'  (tiny.py)" in helps["encode.py"].stdout  # a value from the config file says so

@@ -9,7 +9,7 @@ import pytest
 
 import data
 from data import Conversations, batch_loader, length_grouped_batches, stage_data
-from encode import open_token_cache
+from common import open_token_cache
 from model import IGNORE, MetaMorph
 
 

@@ -10,11 +10,12 @@ import torch
 from diffusers import DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
-import toyworld
+from toy import scenes
 from conftest import run
 from data import read_jsonl
 from visualizer import Decoder, decode_tokens, load_visualizer
-from train_decoder import decoder_lr, lr_factor, scene_agreement, training_noise, training_target
+from toy.scenes import scene_agreement
+from train_decoder import decoder_lr, lr_factor, training_noise, training_target
 
 MICRO_UNET = ("--decoder_unet={'sample_size': 32, 'block_out_channels': (16, 16), 'layers_per_block': 1, "
               "'down_block_types': ('CrossAttnDownBlock2D', 'DownBlock2D'), 'up_block_types': ('UpBlock2D', "
@@ -176,12 +177,12 @@ def test_scene_agreement_at_position_and_anywhere():
     scene = [{"shape": "circle", "colour": "red", "size": "large", "x": 11, "y": 11},
              {"shape": "square", "colour": "blue", "size": "large", "x": 53, "y": 53}]
     moved = [{**o, "x": 64 - o["x"], "y": o["y"]} for o in scene]
-    original = [toyworld.render(scene)]
+    original = [scenes.render(scene)]
     assert scene_agreement(original, original) == {"objects": 2, "shape_colour_at_position": 1.0,
                                                    "shape_colour_anywhere": 1.0}
-    assert scene_agreement(original, [toyworld.render(moved)])["shape_colour_at_position"] == 0
-    assert scene_agreement(original, [toyworld.render(moved)])["shape_colour_anywhere"] == 1
-    assert scene_agreement(original, [toyworld.render([])])["shape_colour_anywhere"] == 0
+    assert scene_agreement(original, [scenes.render(moved)])["shape_colour_at_position"] == 0
+    assert scene_agreement(original, [scenes.render(moved)])["shape_colour_anywhere"] == 1
+    assert scene_agreement(original, [scenes.render([])])["shape_colour_anywhere"] == 0
 
 
 def test_no_scene_score_on_data_without_toy_scenes(micro, tmp_path):

@@ -13,6 +13,7 @@ from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, Siglip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import encode  # noqa: E402
 from conftest import run  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_so400m_geometry(tmp_path):
 
 
 def test_missing_tower_names_path_and_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*pretrain_tiny\.py"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*toy\.pretrain_tiny"):
         encode.load_vision_tower(str(tmp_path / "nowhere"))
 
 
@@ -171,7 +172,7 @@ def test_cache_round_trip_via_command_line(tiny_tower, tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "encoded 5 images" in result.stdout
-    cache = encode.TokenCache(os.path.join(out, "tokens"))
+    cache = common.TokenCache(os.path.join(out, "tokens"))
     assert cache.shards == ["shard-r000-00000.safetensors", "shard-r000-00001.safetensors",
                             "shard-r000-00002.safetensors"]
     assert (cache.num_tokens, cache.dim, cache.siglip_path) == (64, 32, tiny_tower)
@@ -203,7 +204,7 @@ def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsy
     for f, (mtime, content) in old.items():
         assert os.stat(os.path.join(tokens_dir, f)).st_mtime_ns == mtime
         assert open(os.path.join(tokens_dir, f), "rb").read() == content
-    cache = encode.TokenCache(tokens_dir)
+    cache = common.TokenCache(tokens_dir)
     assert cache.shards == ["shard-r000-00000.safetensors", "shard-r000-00001.safetensors",
                             "shard-r000-00002.safetensors"]
     assert len(cache) == 5
@@ -225,7 +226,7 @@ def test_bf16_encoding_agrees_with_fp32(tiny_tower, tmp_path, monkeypatch, capsy
     make_world(data, names)
     assert "encoded 3 images" in run_main(monkeypatch, capsys, data_dir=data, out_dir=out, siglip_path=tiny_tower,
                                           dtype="bfloat16")
-    cache = encode.TokenCache(os.path.join(out, "tokens"))
+    cache = common.TokenCache(os.path.join(out, "tokens"))
     for name in names:
         tokens, exact = cache[name], direct_tokens(tiny_tower, os.path.join(data, name))
         assert tokens.dtype == torch.float32 and torch.allclose(tokens.norm(dim=-1), torch.ones(64), atol=1e-2)
@@ -245,12 +246,12 @@ def test_bad_images_raise_or_are_skipped(tiny_tower, tmp_path, monkeypatch, caps
     write_jsonl(data, "val", "bad", [["images/missing.png"]])
     with pytest.raises(FileNotFoundError, match="missing.png"):
         run_main(monkeypatch, capsys, **knobs)
-    assert not os.path.exists(os.path.join(out, "tokens", encode.HASHES))
+    assert not os.path.exists(os.path.join(out, "tokens", common.HASHES))
 
     write_jsonl(data, "val", "bad", [["images/corrupt.png"], ["images/missing.png"]])
     printed = run_main(monkeypatch, capsys, skip_bad_images=True, **knobs)
     assert "encoded 2 images" in printed and "skipped 2" in printed
-    cache = encode.TokenCache(os.path.join(out, "tokens"))
+    cache = common.TokenCache(os.path.join(out, "tokens"))
     assert len(cache) == 2 and "images/a.png" in cache and "images/corrupt.png" not in cache
     assert cache["images/b.png"].shape == (64, 32)
 
@@ -258,13 +259,13 @@ def test_bad_images_raise_or_are_skipped(tiny_tower, tmp_path, monkeypatch, caps
 def test_two_ranks_encode_the_micro_world_as_one_does(micro, tmp_path, monkeypatch, capsys):
     """torchrun splits the images across the ranks, each writing its own shards; rank 0 indexes them all."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    common = dict(data_dir=micro["data_dir"], siglip_path=os.path.join(micro["base"], "siglip"), device="cpu",
+    knobs = dict(data_dir=micro["data_dir"], siglip_path=os.path.join(micro["base"], "siglip"), device="cpu",
                   dtype="float32", encode_shard_size=16)  # float32: bf16 rounds batch-dependently, past 1e-3
-    run_main(monkeypatch, capsys, out_dir=one, **common)
+    run_main(monkeypatch, capsys, out_dir=one, **knobs)
     result = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "encode.py",
-                 f"--out_dir={two}", *(f"--{k}={v}" for k, v in common.items()), env={"OMP_NUM_THREADS": "1"},
+                 f"--out_dir={two}", *(f"--{k}={v}" for k, v in knobs.items()), env={"OMP_NUM_THREADS": "1"},
                  timeout=300)
-    a, b = encode.TokenCache(os.path.join(one, "tokens")), encode.TokenCache(os.path.join(two, "tokens"))
+    a, b = common.TokenCache(os.path.join(one, "tokens")), common.TokenCache(os.path.join(two, "tokens"))
     assert f"encoded {len(a)} images" in result.stdout and "on 2 ranks" in result.stdout
     assert {s[:len("shard-r000")] for s in b.shards} == {"shard-r000", "shard-r001"} and len(a) == len(b) > 100
     paths = encode.image_paths(micro["data_dir"])
@@ -281,10 +282,10 @@ def test_a_killed_run_keeps_its_whole_shards_and_encodes_the_rest(tiny_tower, tm
                  dtype="float32")
     run_main(monkeypatch, capsys, **knobs)
     tokens_dir = os.path.join(out, "tokens")
-    for name in (encode.HASHES, encode.LOCATIONS, "shard-r000-00002.paths"):
+    for name in (common.HASHES, common.LOCATIONS, "shard-r000-00002.paths"):
         os.remove(os.path.join(tokens_dir, name))
     assert "encoded 2 images" in run_main(monkeypatch, capsys, **knobs)
-    cache = encode.TokenCache(tokens_dir)
+    cache = common.TokenCache(tokens_dir)
     assert len(cache) == 6 and len(cache.shards) == 3
     for name in names:
         assert torch.allclose(cache[name], direct_tokens(tiny_tower, os.path.join(data, name)), atol=1e-3, rtol=1e-2)
@@ -299,7 +300,7 @@ def test_index_lookups_duplicates_and_workers(tmp_path, monkeypatch):
     for k in range(0, 1000, 300):
         writer.write(paths[k:k + 300], tokens[k:k + 300])
     encode.build_index(folder)
-    cache = encode.TokenCache(folder)
+    cache = common.TokenCache(folder)
     assert len(cache) == 1000 and cache.dim == 3 and cache.shards[0] == "shard-r001-00000.safetensors"
     assert all(cache[p][0, 0] == 37 * i for i, p in enumerate(paths[::37]))
     assert cache.get_many(paths[::-1])[:, 0, 0].tolist() == list(range(999, -1, -1))
@@ -308,11 +309,11 @@ def test_index_lookups_duplicates_and_workers(tmp_path, monkeypatch):
         cache.get_many(["images/1.png", "images/1000.png"])
     clone = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker gets: the index mapped again, not copied
     assert len(pickle.dumps(cache)) < 1000 and torch.equal(clone["images/999.png"], cache["images/999.png"])
-    assert encode.open_token_cache(folder) is encode.open_token_cache(folder)
+    assert common.open_token_cache(folder) is common.open_token_cache(folder)
 
-    np.save(os.path.join(folder, encode.LOCATIONS), np.zeros((999, 2), np.int32))  # a kill inside write_index
+    np.save(os.path.join(folder, common.LOCATIONS), np.zeros((999, 2), np.int32))  # a kill inside write_index
     with pytest.raises(ValueError, match="half-written.*encode.py"):
-        encode.TokenCache(folder)
+        common.TokenCache(folder)
     with pytest.raises(ValueError, match=r"images/7\.png is in both x and y"):
         encode.write_index(folder, ["x", "y"], ["images/7.png", "a", "images/7.png"], [0, 0, 1], [0, 1, 0], 3)
     monkeypatch.setattr(encode, "path_hash", lambda path: len(path))

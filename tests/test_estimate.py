@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import data
-import estimate
+from tools import estimate
 from configurator import declared_by_any_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,8 +132,8 @@ def test_config_keys_are_declared_and_paper_values():
 
 
 def test_estimate_cli_on_8b_config():
-    """`python estimate.py configs/8b.py` and `python train_vpit.py configs/8b.py --dry_run=True`."""
-    out = subprocess.run([sys.executable, "estimate.py", "configs/8b.py"], cwd=ROOT, capture_output=True, text=True,
+    """`python -m tools.estimate configs/8b.py` and `python train_vpit.py configs/8b.py --dry_run=True`."""
+    out = subprocess.run([sys.executable, "-m", "tools.estimate", "configs/8b.py"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert re.search(r"LLM 8\.0\dB", out.stdout), out.stdout

@@ -9,11 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as ev
-import toyworld
+import visualizer
+from common import TokenCache
 from conftest import run
-from encode import TokenCache, load_vision_tower
-from model import MetaMorph, build_sample, collate
+from data import collate
+from encode import load_vision_tower
+from model import MetaMorph, build_sample
+from toy import scenes
 
 
 def samples_with(mean, std, n=400, seed=0):
@@ -32,22 +36,22 @@ def samples_with(mean, std, n=400, seed=0):
 def test_option_scoring_counts_only_the_options_letters_in_upper_case(prediction, answer, right):
     """With options [square, circle, triangle]: a lower-case word is not a letter, I and D are not options, and the
     answer may be given as a letter or as an option's text; an answer that is neither matches nothing."""
-    assert ev.is_correct(prediction, answer, ["square", "circle", "triangle"]) is right
+    assert data.is_correct(prediction, answer, ["square", "circle", "triangle"]) is right
 
 
 def test_an_options_own_text_wins_over_a_letter_it_starts_with():
     options = ["A cat", "A dog", "The bird"]
-    assert ev.option_letter("A dog", options) == "B" and ev.is_correct("B", "A dog", options)
-    assert not ev.is_correct("A", "A dog", options) and ev.option_letter("A.", options) == "A"
+    assert data.option_letter("A dog", options) == "B" and data.is_correct("B", "A dog", options)
+    assert not data.is_correct("A", "A dog", options) and data.option_letter("A.", options) == "A"
 
 def test_frechet_distance_matches_the_closed_form_for_gaussians():
     a, b = samples_with([0.0, 1.0, 2.0], [1.0, 2.0, 0.5]), samples_with([1.0, 1.0, 0.0], [2.0, 2.0, 1.5], seed=1)
     # diagonal covariances: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2
-    assert ev.frechet_distance(a, b) == pytest.approx(1 + 0 + 4 + (1 + 0 + 1), rel=1e-6)
-    assert ev.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert visualizer.frechet_distance(a, b) == pytest.approx(1 + 0 + 4 + (1 + 0 + 1), rel=1e-6)
+    assert visualizer.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     # a rotation of both sets changes nothing: the general (non-diagonal) formula
     q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
-    assert ev.frechet_distance(a @ q, b @ q) == pytest.approx(7.0, rel=1e-6)
+    assert visualizer.frechet_distance(a @ q, b @ q) == pytest.approx(7.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("prediction, answer, right", [
@@ -56,44 +60,44 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians():
     ("Red.", "red", True), ("  bottom   LEFT ", "bottom left", True), ("red circle", "red", False),
     ("three!", "three", True), ("two", "three", False)])
 def test_answer_scoring(prediction, answer, right):
-    assert ev.is_correct(prediction, answer) is right
+    assert data.is_correct(prediction, answer) is right
 
 
 def test_option_text_counts_as_its_letter():
-    assert ev.is_correct("triangle", "C", ["square", "circle", "triangle"])
-    assert not ev.is_correct("circle", "C", ["square", "circle", "triangle"])
+    assert data.is_correct("triangle", "C", ["square", "circle", "triangle"])
+    assert not data.is_correct("circle", "C", ["square", "circle", "triangle"])
 
 
 def test_scene_scoring_on_hand_made_scenes():
     target = [{"shape": "circle", "colour": "red", "size": "large", "x": 11, "y": 11},
               {"shape": "square", "colour": "blue", "size": "small", "x": 53, "y": 53}]
-    right = toyworld.render(target)
-    wrong_colour = toyworld.render([dict(target[0], colour="green"), target[1]])
-    moved = toyworld.render([target[0], dict(target[1], x=32, y=32)])
-    extra = toyworld.render(target + [{"shape": "triangle", "colour": "yellow", "size": "large", "x": 32, "y": 32}])
-    assert ev.scene_accuracy([right], [target]) == {"position": 1, "shape": 1, "colour": 1, "size": 1,
+    right = scenes.render(target)
+    wrong_colour = scenes.render([dict(target[0], colour="green"), target[1]])
+    moved = scenes.render([target[0], dict(target[1], x=32, y=32)])
+    extra = scenes.render(target + [{"shape": "triangle", "colour": "yellow", "size": "large", "x": 32, "y": 32}])
+    assert scenes.scene_accuracy([right], [target]) == {"position": 1, "shape": 1, "colour": 1, "size": 1,
                                                     "shape_colour": 1, "object": 1, "count": 1, "scene": 1}
-    s = ev.scene_accuracy([wrong_colour], [target])
+    s = scenes.scene_accuracy([wrong_colour], [target])
     assert (s["colour"], s["shape"], s["position"], s["object"], s["scene"]) == (0.5, 1, 1, 0.5, 0)
-    s = ev.scene_accuracy([moved], [target])
+    s = scenes.scene_accuracy([moved], [target])
     assert (s["position"], s["shape"], s["count"], s["scene"]) == (0.5, 0.5, 1, 0)
-    s = ev.scene_accuracy([extra], [target])
+    s = scenes.scene_accuracy([extra], [target])
     assert (s["object"], s["count"], s["scene"]) == (1, 0, 0)
-    assert ev.scene_accuracy([right, moved], [target, target])["scene"] == 0.5
+    assert scenes.scene_accuracy([right, moved], [target, target])["scene"] == 0.5
 
 
 def test_metrics_of_too_few_pictures_are_na_not_numbers():
     """None drawn: every metric of the model's pictures is None in the results and "n/a (0 drawn)" in the report (they
     were scores of blank placeholders); one drawn: its scores, but no Frechet distance (a covariance needs two)."""
-    judges = ev.Judges.__new__(ev.Judges)  # stand-ins for the feature spaces: no model is loaded
+    judges = visualizer.Judges.__new__(visualizer.Judges)  # stand-ins for the feature spaces: no model is loaded
     judges.siglip, judges.inception, judges.clip = "siglip", None, None
     judges.pooled = lambda pictures: torch.randn(len(pictures), 3, generator=torch.Generator().manual_seed(7))
     judges.text_score = lambda judge, pictures, texts: 25.0
-    scenes = [[{"shape": "circle", "colour": "red", "size": "large", "x": 11, "y": 11}]] * 3
-    real, texts = [toyworld.render(scene) for scene in scenes], ["Draw a red circle at the top left."] * 3
-    every = ev.picture_metrics(judges, real, range(3), scenes, real, texts)
-    none = ev.picture_metrics(judges, [], [], scenes, real, texts)
-    one = ev.picture_metrics(judges, real[:1], [2], scenes, real, texts)
+    targets = [[{"shape": "circle", "colour": "red", "size": "large", "x": 11, "y": 11}]] * 3
+    real, texts = [scenes.render(scene) for scene in targets], ["Draw a red circle at the top left."] * 3
+    every = ev.picture_metrics(judges, real, range(3), targets, real, texts)
+    none = ev.picture_metrics(judges, [], [], targets, real, texts)
+    one = ev.picture_metrics(judges, real[:1], [2], targets, real, texts)
     assert isinstance(every["fd_siglip"], float) and every["scene"] == 1
     assert none == dict.fromkeys(every)  # the same metrics, each n/a
     assert one["fd_siglip"] is None and (one["siglip_score"], one["scene"]) == (25, 1)
@@ -138,7 +142,7 @@ def test_batched_generation_equals_one_at_a_time(micro, model, draw):
     while the odd rows write text and finish, so rows in different modes share every step."""
     cache = TokenCache(f"{micro['out_dir']}/tokens")
     samples = ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl")
-    items = ev.questions("image_qa", samples)[:6]  # different lengths: left padding is exercised
+    items = data.questions("image_qa", samples)[:6]  # different lengths: left padding is exercised
     prompts = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
     visual = [cache.get_many(p).flatten(0, 1).float() for _, p, _, _ in items]
     assert len({len(p["input_ids"]) for p in prompts}) > 1
@@ -170,7 +174,7 @@ def test_batched_generation_with_rows_in_both_modes_under_bf16_autocast(micro, m
     """Under bf16 autocast the adapter's output is bf16 while the embedding rows are fp32: a step where one row draws
     and another writes text must still mix them (it raised a dtype error in index_put)."""
     cache = TokenCache(f"{micro['out_dir']}/tokens")
-    items = ev.questions("image_qa", ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl"))[:2]
+    items = data.questions("image_qa", ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl"))[:2]
     prompts = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
     visual = [cache.get_many(p).flatten(0, 1).float() for _, p, _, _ in items]
 
@@ -195,7 +199,7 @@ def test_questions_cover_every_turn_with_earlier_answers_given():
     sample = {"images": ["a.png"], "meta": {"qtypes": ["colour", "count"]}, "conversations": [
         {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"},
         {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]}
-    (c1, p1, a1, t1), (c2, p2, a2, t2) = ev.questions("image_qa", [sample])
+    (c1, p1, a1, t1), (c2, p2, a2, t2) = data.questions("image_qa", [sample])
     assert (len(c1), p1, a1, t1) == (1, ["a.png"], "red", "colour")
     assert (len(c2), c2[1]["value"], p2, a2, t2) == (3, "red", ["a.png"], "two", "count")
 
@@ -220,12 +224,12 @@ def test_benchmark_file_runner(micro, model, tmp_path, monkeypatch):
     result = ev.run_benchmark_file(model, tower, processor, torch.device("cpu"))
     assert result["questions"] == 3 and set(result["by_category"]) == {"shape", "colour", "count"}
     texts = [model.tokenizer.decode(ids) for ids, _ in seen]
-    assert "A. circle" in texts[0] and "B. square" in texts[0] and ev.OPTION_PROMPT in texts[0]
-    assert "A." not in texts[1] and ev.OPTION_PROMPT not in texts[1]
+    assert "A. circle" in texts[0] and "B. square" in texts[0] and data.OPTION_PROMPT in texts[0]
+    assert "A." not in texts[1] and data.OPTION_PROMPT not in texts[1]
     assert all((slots >= 0).sum() == 64 for _, slots in seen)
     assert texts[1].index("<image_end>") < texts[1].index("What colour")
     answers = ["B", "red", "A"]
-    expected = [ev.is_correct(pred, a, r.get("options", ())) for pred, a, r in zip(result["predictions"], answers, rows)]
+    expected = [data.is_correct(pred, a, r.get("options", ())) for pred, a, r in zip(result["predictions"], answers, rows)]
     assert result["accuracy"] == pytest.approx(sum(expected) / 3)
     rows[0]["answer"] = "hexagon"  # neither a letter nor an option: an error, not a question nobody can get right
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -261,7 +265,7 @@ def test_inception_features_take_pictures_of_any_size(tmp_path):
         def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
             return torch.stack([x.float().mean((1, 2, 3)), torch.tensor(float(x.shape[-1])).expand(len(x))], 1)
     torch.jit.script(Detector()).save(str(tmp_path / "inception.pt"))
-    judges = ev.Judges.__new__(ev.Judges)
+    judges = visualizer.Judges.__new__(visualizer.Judges)
     judges.inception, judges.dev = torch.jit.load(str(tmp_path / "inception.pt")), torch.device("cpu")
     pictures = [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (512, 512), "white")]
     features = judges.inception_features(pictures)
@@ -278,18 +282,18 @@ def test_eval_command_on_a_micro_run(micro, micro_run):
         "'video_prediction': 2}")
     folder = os.path.join(micro_run["out"], "eval")
     results = json.load(open(os.path.join(folder, "results.json")))
-    asked = {t: len(ev.questions(t, ev.read_jsonl(f"{micro['data_dir']}/val/{t}.jsonl")[:n]))
+    asked = {t: len(data.questions(t, ev.read_jsonl(f"{micro['data_dir']}/val/{t}.jsonl")[:n]))
              for t, n in (("image_qa", 4), ("video_qa", 2), ("visual_thinking", 2))}  # every turn of a conversation
     assert {t: r["questions"] for t, r in results["understanding"].items()} == asked and asked["image_qa"] > 4
     generation = results["generation"]
-    frames = sum(len(ev.output_images(s)) for s in ev.read_jsonl(f"{micro['data_dir']}/val/video_prediction.jsonl")[:2])
+    frames = sum(len(data.output_images(s)) for s in ev.read_jsonl(f"{micro['data_dir']}/val/video_prediction.jsonl")[:2])
     assert {s: r["pictures"] for s, r in generation.items()} == \
         {"generation": 4, "generation_heldout": 4, "generation_riddle": 4, "image_edit": 2, "video_prediction": frames}
     for name in ("generation", "generation_riddle"):
         assert {"fd_siglip", "siglip_score", "scene"} <= set(generation[name]["true_tokens"])
     report = open(os.path.join(folder, "report.md")).read()
     assert "## Understanding" in report and "| generation_riddle | true tokens |" in report
-    assert Image.open(os.path.join(folder, "grid.png")).height == 20 + 3 * (2 * toyworld.SIZE + 4)
+    assert Image.open(os.path.join(folder, "grid.png")).height == 20 + 3 * (2 * scenes.SIZE + 4)
 
 
 def test_eval_command_on_real_layout_data(micro, micro_run, tmp_path):

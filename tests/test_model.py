@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import toyworld
-from benchmark import generate_recomputing
-from model import IGNORE, IMAGE_END, IMAGE_START, MetaMorph, build_sample, collate, sample_tokens, save_atomically
+from toy import tasks
+from tools.benchmark import generate_recomputing
+from common import save_atomically
+from data import collate
+from model import IGNORE, IMAGE_END, IMAGE_START, MetaMorph, build_sample, sample_tokens
 from train_adapter import freeze_all_but_adapter
 
 D_V, N = 32, 64
@@ -22,11 +24,11 @@ def model(micro):
 
 
 def conversation(task, seed=0):
-    turns, images, _ = toyworld.TASKS[task](random.Random(seed), set())
+    turns, images, _ = tasks.TASKS[task](random.Random(seed), set())
     return [{"from": ("human", "gpt")[k % 2], "value": t} for k, t in enumerate(turns)], len(images)
 
 
-@pytest.mark.parametrize("task", list(toyworld.TASKS))
+@pytest.mark.parametrize("task", list(tasks.TASKS))
 def test_labels_and_vision_targets_for_every_task(model, task):
     tok = model.tokenizer
     conv, n_images = next(c for seed in range(50) for c in [conversation(task, seed)]

@@ -70,12 +70,12 @@ def test_done_stages_are_skipped_and_force_reruns_from_a_stage(fake_stages, monk
 
 
 def test_toy_world_is_done_only_when_its_last_file_is_written(tmp_path, monkeypatch):
-    """toyworld.py writes corpus.txt last, whole (a temporary file renamed): the pipeline's sign that the world is
+    """toy/toyworld.py writes corpus.txt last, whole (a temporary file renamed): the pipeline's sign that the world is
     complete, so a world interrupted while writing its task files is made again."""
     monkeypatch.setattr(pipeline, "data_dir", str(tmp_path / "toy"))
-    done = {script: marker for script, marker, _, _ in pipeline.stages()}["toyworld.py"]
+    done = {script: marker for script, marker, _, _ in pipeline.stages()}["toy/toyworld.py"]
     assert done == os.path.join(pipeline.data_dir, "corpus.txt")
-    import toyworld
+    from toy import toyworld
     import random
     toyworld.write_corpus(str(tmp_path / "corpus.txt"), random.Random(0), 5, 1)
     assert os.listdir(tmp_path) == ["corpus.txt"] and len(open(tmp_path / "corpus.txt").read().split("\n")) > 5

@@ -9,13 +9,13 @@ import re
 import numpy as np
 import pytest
 
-import prepare
-import toyworld
 from conftest import run
 from data import load_mixture, read_jsonl
 from encode import image_paths, load_image
-from toyworld import (COLOURS, GEN_PROMPTS, GEN_RESPONSES, VIDEO_PREDICTIONS, describe, random_scene, random_video,
-                      render)
+from tools import prepare
+from toy import tasks
+from toy.scenes import COLOURS, describe, random_scene, render
+from toy.tasks import GEN_PROMPTS, GEN_RESPONSES, VIDEO_PREDICTIONS, random_video
 
 
 def save(img, path):
@@ -266,7 +266,7 @@ def test_image_edit(tmp_path):
     rows = []
     for i in range(4):
         scene = random_scene(rng)
-        instruction, edited = toyworld.edit_instruction(rng, scene, ())
+        instruction, edited = tasks.edit_instruction(rng, scene, ())
         rows.append({"id": f"e{i}", "source": f"{i}-in.png", "instruction": instruction, "target": f"{i}-out.png"})
         save(render(scene), str(src / rows[-1]["source"]))
         save(render(edited), str(src / rows[-1]["target"]))

@@ -40,7 +40,7 @@ def test_stand_ins_train_save_and_load_in_real_formats(micro):
 def test_second_run_trains_nothing_and_measures_again(micro):
     base = micro["base"]
     report = json.load(open(f"{base}/pretrain_report.json"))
-    again = run("pretrain_tiny.py", f"--data_dir={micro['data_dir']}", f"--siglip_path={base}/siglip",
+    again = run("toy/pretrain_tiny.py", f"--data_dir={micro['data_dir']}", f"--siglip_path={base}/siglip",
                 f"--llm_path={base}/llm", f"--vae_path={base}/vae", *MICRO_MODELS)
     assert "stand-in:" not in again.stderr  # no progress bar: nothing trained
     assert json.load(open(f"{base}/pretrain_report.json")) == report
@@ -49,7 +49,7 @@ def test_second_run_trains_nothing_and_measures_again(micro):
 def test_packing_keeps_documents_whole_and_targets_only_replies():
     import random
 
-    import pretrain_tiny
+    from toy import pretrain_tiny
     docs = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [4, 5]), ([6] * 7, [-100] * 6 + [6])]
     ids, labels = pretrain_tiny.pack(docs, 8, 0, random.Random(0))
     assert ids.shape[1] == 8 and ids.shape[0] >= 2
@@ -66,9 +66,9 @@ def test_wide_pictures_leave_the_toy_palette():
 
     import numpy as np
 
-    import pretrain_tiny
+    from toy import scenes
     rng = random.Random(0)
-    pictures = [pretrain_tiny.wide_picture(rng) for _ in range(40)]
+    pictures = [scenes.wide_picture(rng) for _ in range(40)]
     pixels = np.concatenate([np.asarray(img).reshape(-1, 3) for img, _ in pictures])
     greys = (pixels.max(1) - pixels.min(1) < 8) & (pixels.min(1) < 230)
     assert greys.mean() > 0.05  # greys other than the toy's white background

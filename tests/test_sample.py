@@ -10,7 +10,7 @@ from PIL import Image
 import sample
 from configurator import configure
 from conftest import run
-from encode import TokenCache, image_tokens, load_image
+from encode import image_tokens, load_image
 from model import encode_text
 
 
@@ -148,11 +148,11 @@ def test_chat_keeps_every_turn_in_the_kv_cache(session, micro):
 def test_a_fresh_clone_answers_and_draws_with_the_shipped_weights(tmp_path):
     """The repo's own weights (toy/base stand-ins, toy/run), nothing trained: a question about a toy picture gets a
     colour word, and a drawing request a PNG, with stderr naming the shipped run."""
-    import toyworld
+    from toy import scenes
     picture = tmp_path / "q.png"
-    toyworld.render([{"shape": "square", "colour": "blue", "size": "large", "x": 32, "y": 11}]).save(picture)
+    scenes.render([{"shape": "square", "colour": "blue", "size": "large", "x": 32, "y": 11}]).save(picture)
     out = run("sample.py", f"--out_dir={tmp_path}/out", "--prompt", "What colour is the square?", "--image", str(picture))
-    assert "using the shipped toy run in toy/run" in out.stderr and out.stdout.strip() in toyworld.COLOURS
+    assert "using the shipped toy run in toy/run" in out.stderr and out.stdout.strip() in scenes.COLOURS
     out = run("sample.py", f"--out_dir={tmp_path}/out", "--prompt", "Generate an image of a large red circle in the center.")
     drawn = os.listdir(tmp_path / "out" / "samples")
     assert len(drawn) == 1 and f"[image: {tmp_path}/out/samples/{drawn[0]}]" in out.stdout

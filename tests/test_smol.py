@@ -10,7 +10,7 @@ from conftest import run
 
 
 def test_smol_config_points_every_stage_at_what_prepare_smol_makes():
-    import prepare_smol
+    from tools import prepare_smol
     from configurator import configure
 
     g = {"llm_path": "", "siglip_path": "", "vae_path": "", "data_dir": "", "out_dir": "", "vpit_lr": 0.0}
@@ -26,14 +26,14 @@ needs_smol = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     path = tmp_path_factory.mktemp("smol") / "llm"
-    return path, run("prepare_smol.py", f"--smol_path={path}").stdout
+    return path, run("tools/prepare_smol.py", f"--smol_path={path}").stdout
 
 
 @needs_smol
 def test_gguf_converts_to_a_plain_llama_that_computes_the_same(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    import prepare_smol
+    from tools import prepare_smol
 
     path, stdout = converted
     assert "Paris" in stdout, stdout  # the sanity check's greedy answer to "What is the capital of France?"

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
-import toyworld
-from toyworld import COLOURS, HALF, HELDOUT_COMBOS, POSITIONS, SHAPES, read_scene, render
+from toy import scenes, tasks, text
+from toy.scenes import COLOURS, HALF, HELDOUT_COMBOS, POSITIONS, SHAPES, read_scene, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ("--toy_train={'caption': 6, 'image_qa': 40, 'video_qa': 8, 'generation': 40, 'image_edit': 30, "
@@ -21,7 +22,7 @@ TEXT_VAL = "--toy_text_val={'scene_qa': 20, 'video_qa': 6, 'keyed_copy': 4}"
 
 
 def make_world(path, seed=5):
-    subprocess.run([sys.executable, "toyworld.py", f"--data_dir={path}", f"--seed={seed}", SMALL, SMALL_VAL,
+    subprocess.run([sys.executable, "-m", "toy.toyworld", f"--data_dir={path}", f"--seed={seed}", SMALL, SMALL_VAL,
                     "--toy_heldout_val=12", "--toy_corpus_captions=50", TEXT, TEXT_VAL], cwd=ROOT, check=True, capture_output=True)
     return path
 
@@ -53,7 +54,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(world, tmp_path):
 
 def test_every_task_in_both_splits_with_matching_placeholders(world):
     for split in ("train", "val"):
-        for task in toyworld.TASKS:
+        for task in tasks.TASKS:
             rows = samples(world, split, task)
             assert rows, (split, task)
             for s in rows:
@@ -67,7 +68,7 @@ def test_every_task_in_both_splits_with_matching_placeholders(world):
 
 def test_task_formats(world):
     qa = samples(world, "train", "image_qa")
-    assert {q for s in qa for q in s["meta"]["qtypes"]} == set(toyworld.QA_TYPES)
+    assert {q for s in qa for q in s["meta"]["qtypes"]} == set(tasks.QA_TYPES)
     assert max(len(s["conversations"]) for s in qa) > 2  # some conversations ask several questions
     for s in qa:
         turns = [t["value"] for t in s["conversations"]]
@@ -93,13 +94,13 @@ def test_answers_are_true_of_the_pictures(world):
     """The scene reader, reading the rendered image, agrees with each colour/shape/count/position/size answer."""
     for s in samples(world, "train", "image_qa"):
         qtype, answer = s["meta"]["qtype"], s["conversations"][1]["value"]
-        read = read_scene(toyworld.Image.open(os.path.join(world, s["images"][0])))
+        read = read_scene(Image.open(os.path.join(world, s["images"][0])))
         if qtype == "colour":
             assert answer in {o["colour"] for o in read}
         elif qtype == "position":
             assert answer in {o["position"] for o in read}
         elif qtype == "count" and "How many shapes" in s["conversations"][0]["value"]:
-            assert toyworld.NUMBERS.index(answer) == len(read)
+            assert scenes.NUMBERS.index(answer) == len(read)
 
 
 def test_phrasings_vary(world):
@@ -131,20 +132,20 @@ def text_rows(root, split):
 def test_val_scenes_are_never_training_scenes(world):
     """Every picture of val, in every task, shows a scene no training picture or training text shows."""
     train, val = set(), set()
-    for task in toyworld.TASKS:
+    for task in tasks.TASKS:
         for s in samples(world, "train", task):
-            train.update(toyworld.scene_keys(task, s["meta"]["scenes"]))
+            train.update(scenes.scene_keys(task, s["meta"]["scenes"]))
         for s in samples(world, "val", task):
-            val.update(toyworld.scene_keys(task, s["meta"]["scenes"]))
-    for task in toyworld.HELDOUT:
+            val.update(scenes.scene_keys(task, s["meta"]["scenes"]))
+    for task in tasks.HELDOUT:
         for s in samples(world, "val", task):
-            val.update(toyworld.scene_keys(task, s["meta"]["scenes"]))
+            val.update(scenes.scene_keys(task, s["meta"]["scenes"]))
     assert val and train and not val & train
-    assert all(toyworld.is_val_scene(k) for k in val) and not any(toyworld.is_val_scene(k) for k in train)
+    assert all(scenes.is_val_scene(k) for k in val) and not any(scenes.is_val_scene(k) for k in train)
     in_words = set()  # the scenes the text corpus describes: scene_qa's scenes, riddles' answers, keyed values
     for c in text_rows(world, "train"):
         turns = [t["value"] for t in c["conversations"]]
-        for intro in toyworld.SCENE_INTROS:
+        for intro in text.SCENE_INTROS:
             prefix = intro.split("{}")[0]
             if c["task"] == "scene_qa" and turns[0].startswith(prefix):
                 in_words.add(turns[0][len(prefix):].split(".\n")[0])
@@ -157,7 +158,7 @@ def test_text_conversations_answer_from_the_words(world):
     """The stand-in LLM's conversations: scenes in words whose answers are true of the scene, every kind present,
     val scenes kept out of train."""
     rows = text_rows(world, "train")
-    assert {c["task"] for c in rows} == set(toyworld.TEXT_TASKS)
+    assert {c["task"] for c in rows} == set(text.TEXT_TASKS)
     assert all("<image>" not in t["value"] for c in rows for t in c["conversations"])
     for c in rows:
         turns = [t["value"] for t in c["conversations"]]
@@ -173,28 +174,28 @@ def test_text_conversations_answer_from_the_words(world):
 
 def test_riddles_need_corpus_facts_absent_from_image_data(world):
     riddles = samples(world, "val", "generation_riddle")
-    train_text = " ".join(t["value"] for task in toyworld.TASKS for s in samples(world, "train", task)
+    train_text = " ".join(t["value"] for task in tasks.TASKS for s in samples(world, "train", task)
                           for t in s["conversations"])
     corpus = open(os.path.join(world, "corpus.txt")).read()
     for s in riddles:
         prompt = s["conversations"][0]["value"]
         thing = prompt.split("in the colour of ")[1].split(",")[0].split(" ", 1)[1]
         colour = s["meta"]["scenes"][0][0]["colour"]
-        assert toyworld.COLOUR_OF[thing] == colour and f"{thing} is {colour}" in corpus
+        assert scenes.COLOUR_OF[thing] == colour and f"{thing} is {colour}" in corpus
         assert thing not in train_text and prompt not in train_text
-    for fact, answer in toyworld.facts():
+    for fact, answer in tasks.facts():
         assert f"{fact} {answer}." in corpus
 
 
 def test_scene_reader_reads_every_attribute():
     rng = random.Random(0)
     for _ in range(200):
-        scene = toyworld.random_scene(rng)
+        scene = scenes.random_scene(rng)
         read = read_scene(render(scene))
         assert len(read) == len(scene)
         for o in scene:
             assert any(r["shape"] == o["shape"] and r["colour"] == o["colour"] and r["size"] == o["size"] and
-                       r["position"] == toyworld.position_name(o["x"], o["y"]) for r in read)
+                       r["position"] == scenes.position_name(o["x"], o["y"]) for r in read)
 
 
 def test_scene_reader_on_hand_made_scene_and_blank():

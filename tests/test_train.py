@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import run
 from data import read_jsonl
-from encode import TokenCache
+from common import TokenCache
 from model import MetaMorph
 
 STAGE2 = ["--vpit_data={'image_qa': 16, 'generation': 8, 'image_edit': 8}", "--vpit_val=2", "--micro_batch_size=4",
@@ -211,12 +211,13 @@ def test_a_malformed_sample_is_an_error_naming_file_and_line(tmp_path, sample, e
 
 ZERO3_BUILD = """
 import os, sys, torch, torch.distributed as dist
-import train_vpit
-from model import MetaMorph, whole
+import common
+from common import whole
+from model import MetaMorph
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
 dist.init_process_group("gloo")  # one rank, as torchrun would start it
 hp = dict(deepspeed_config="configs/zero3.json", micro_batch_size=2, batch_size=2, grad_clip=1.0, dtype="float32")
-with train_vpit.built_in_shards(hp, 1, torch.device("cpu")):
+with common.built_in_shards(hp, 1, torch.device("cpu")):
     model = MetaMorph.from_llm(sys.argv[1], 16)
 layer = model.llm.model.layers[0].self_attn.q_proj.weight
 table = model.llm.get_input_embeddings().weight
@@ -252,7 +253,7 @@ def test_stage1_on_zero3_two_processes_trains_the_delimiter_rows(micro, tmp_path
 
 def test_exact_match_takes_text_only_conversations(micro):
     """Cambrian's image_qa files hold text-only conversations: stage 2's closing report must answer them too."""
-    from encode import TokenCache
+    from common import TokenCache
     from train_vpit import exact_match
     cache = TokenCache(os.path.join(micro["out_dir"], "tokens"))
     model = MetaMorph.from_llm(os.path.join(micro["base"], "llm"), cache.dim).eval()

@@ -2,9 +2,9 @@
 Speed measurements on this machine: batching and generation each against a baseline in the same run; scale against the
 targets of DESIGN.md's "Scale contracts".
 
-    python benchmark.py --what=batching     # train_vpit's length-grouped batches vs plainly padded random batches
-    python benchmark.py --what=generation   # 64 visual tokens: model.generate's KV cache vs recomputing every step
-    python benchmark.py --what=scale --conversations=1000000   # the streaming data path at Cambrian size
+    python -m tools.benchmark --what=batching     # train_vpit's length-grouped batches vs plainly padded random batches
+    python -m tools.benchmark --what=generation   # 64 visual tokens: model.generate's KV cache vs recomputing every step
+    python -m tools.benchmark --what=scale --conversations=1000000   # the streaming data path at Cambrian size
 
 batching: the same conversations, model, micro-batch size and number of optimizer steps; throughput counts real
 (non-padding) tokens per second, so padding shows up as lost speed.
@@ -14,7 +14,7 @@ and the two must produce the same tokens. Then bench_batch copies of it side by 
 bench_llm_path="" uses the trained run (out_dir/vpit); a path to any HF LLM (e.g. the SmolLM2 conversion) times a
 bigger model with fresh heads, its LM head set to open an image at once.
 scale: a synthetic Cambrian-shaped set and a fake token cache under out_dir/bench/scale (made again only when its knobs
-change), read as training reads it (data.py, SmolLM2's tokenizer: `python prepare_smol.py` first) in fresh processes,
+change), read as training reads it (data.py, SmolLM2's tokenizer: `python -m tools.prepare_smol` first) in fresh processes,
 twice (line index built, then cached): startup to the first batch, resident bytes per conversation, conversations/s
 of 2 loader workers, padding of length-grouped vs random batches; then the opening of a token-cache index of
 index_entries images. The last line holds every number as key=value.
@@ -33,6 +33,8 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 import encode
+from common import open_token_cache
+from configurator import ROOT
 from data import Conversations, batch_loader, length_grouped_batches, load_mixture, random_batches, stage_data
 from model import IMAGE, IMAGE_END, IMAGE_START, MetaMorph, build_sample
 
@@ -82,7 +84,7 @@ def train_throughput(model, data, batches):
 
 
 def bench_batching():
-    cache = encode.open_token_cache(os.path.join(out_dir, "tokens"))
+    cache = open_token_cache(os.path.join(out_dir, "tokens"))
     model = MetaMorph.from_llm(llm_path, cache.dim, num_visual_tokens)
     sources = [(os.path.join(data_dir, "train", f"{task}.jsonl"), n) for task, n in vpit_data.items()]
     data = Conversations(sources, model.tokenizer, cache, max_seq_len, num_visual_tokens)
@@ -140,7 +142,7 @@ def edit_prompt(model, cache):
 
 
 def bench_generation():
-    cache = encode.open_token_cache(os.path.join(out_dir, "tokens"))
+    cache = open_token_cache(os.path.join(out_dir, "tokens"))
     if bench_llm_path:
         model = MetaMorph.from_llm(bench_llm_path, cache.dim, num_visual_tokens)
         opens = lambda module, inputs, logits: logits.index_fill(-1, torch.tensor([model.image_start_id]), 1e4)
@@ -266,7 +268,7 @@ def token_index(tokens_dir):
     cached(tokens_dir, {"entries": index_entries},
            lambda: fake_token_cache(tokens_dir, [f"images/{i:09d}.jpg" for i in range(index_entries)], 1))
     start = time.time()
-    encode.open_token_cache(tokens_dir).get_many([last])
+    open_token_cache(tokens_dir).get_many([last])
     seconds = time.time() - start
     size = sum(os.path.getsize(os.path.join(tokens_dir, f)) for f in os.listdir(tokens_dir)
                if not f.startswith("shard-") and f != "spec.json")
@@ -311,9 +313,9 @@ def data_path(root, index_dir, launched, draws, micro_batch, tokenizer_path, see
 
 def launch(root, index_dir, draws):
     """data_path() in a fresh Python process, timed from its launch."""
-    code = (f"import benchmark; benchmark.data_path({root!r}, {index_dir!r}, {time.time()!r}, {draws}, "
+    code = (f"from tools import benchmark; benchmark.data_path({root!r}, {index_dir!r}, {time.time()!r}, {draws}, "
             f"{micro_batch_size}, {smol_path!r}, {seed})")
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                          capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"the data path failed:\n{out.stderr[-3000:]}")
@@ -322,7 +324,7 @@ def launch(root, index_dir, draws):
 
 def bench_scale():
     if not os.path.exists(os.path.join(smol_path, "tokenizer_config.json")):
-        raise FileNotFoundError(f"no SmolLM2 tokenizer at {smol_path}: run `python prepare_smol.py` first")
+        raise FileNotFoundError(f"no SmolLM2 tokenizer at {smol_path}: run `python -m tools.prepare_smol` first")
     root = os.path.join(out_dir, "bench", "scale")
     start = time.time()
     spec = {"conversations": conversations, "scale_images": scale_images, "seed": seed, "mix": MIX,

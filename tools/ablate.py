@@ -2,8 +2,8 @@
 The paper's findings in miniature (PAPER.md "Findings", Sec. 3): retrain stage 2 on different data mixes, evaluate
 each run with eval.py, and write a markdown table and a bar chart per study.
 
-    python ablate.py                          # the studies below, on the finished toy run's cache, adapter and decoder
-    python ablate.py --studies="['tab5']"     # one study
+    python -m tools.ablate                          # the studies below, on the finished toy run's cache, adapter and decoder
+    python -m tools.ablate --studies="['tab5']"     # one study
 
 Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains, without the toy config's
 generation lead-in; tab4_steps and tab6_steps instead train each mix for the same number of steps, enough for the
@@ -150,7 +150,7 @@ def bar_chart(title, rows, series, path, width=900, height=360):
 
 def main():
     os.makedirs(ablate_dir, exist_ok=True)
-    index = ["# The paper's findings in miniature", "", "Made by `python ablate.py` on the toy run (configs/tiny.py).",
+    index = ["# The paper's findings in miniature", "", "Made by `python -m tools.ablate` on the toy run (configs/tiny.py).",
              "Accuracies in %, FD = FD-SigLIP (lower is better), `object` = shape, colour and size right at the "
              "asked-for cell (eval.py).", ""]
     for study in studies:

@@ -8,8 +8,8 @@ script is how they were made (one command, about 50 min on 2 cores without AMX):
                  world's sentences and text-only conversations, so it arrives reading its context as a real LLM does
     vae_path     a diffusers AutoencoderKL (downsampling x4 -> 16x16x4 latents)
 
-    rm -r toy/base && python toyworld.py && python pretrain_tiny.py    # each part is skipped (but still measured)
-                                                                       # when its folder already exists
+    rm -r toy/base && python -m toy.toyworld && python -m toy.pretrain_tiny  # each part is skipped (but measured)
+                                                                             # when its folder already exists
 """
 import json
 import math
@@ -20,11 +20,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-import toyworld
-from model import IGNORE, build_sample, save_atomically, wants_bf16
+from common import save_atomically, wants_bf16
+from model import IGNORE, build_sample
+from toy import scenes, tasks
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -57,7 +58,7 @@ vae_steps = 1000
 vae_batch = 16
 vae_lr = 1e-3
 vae_kl_weight = 1e-6
-wide_share = 0.25  # of SigLIP's and the VAE's training pictures: pictures beyond the toy world (wide_picture)
+wide_share = 0.25  # of SigLIP's and the VAE's training pictures: pictures beyond the toy world (scenes.wide_picture)
 # ---------------------------------------------------------------------------------------------------------------------
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -142,16 +143,16 @@ def pack(docs, block, bos, rng):
 
 @torch.no_grad()
 def fact_recall(model, tokenizer):
-    """Fraction of toyworld.facts() the model completes greedily and exactly ("a lime is" -> "green")."""
+    """Fraction of tasks.facts() the model completes greedily and exactly ("a lime is" -> "green")."""
     model.eval()
     right = 0
-    for prompt, answer in toyworld.facts():
+    for prompt, answer in tasks.facts():
         ids = [tokenizer.bos_token_id] + tokenizer(prompt)["input_ids"]
         want = tokenizer(" " + answer + ".")["input_ids"]
         for _ in range(len(want)):
             ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
         right += tokenizer.decode(ids[-len(want):]).strip() == answer + "."
-    return right / len(toyworld.facts())
+    return right / len(tasks.facts())
 
 
 @torch.no_grad()
@@ -222,51 +223,13 @@ def pretrain_llm():
             **{f"llm_text_{task}": acc for task, acc in text_accuracy(model, tokenizer, val).items()}}
 
 
-# ---- pictures beyond the toy world ------------------------------------------------------------------------------------
-# Real SigLIP and VAE keep every colour of every picture; stand-ins that saw only the toy's six colours on white turn a
-# user's greyscale photos green and purple (README, "Your own data"). So a share of their training pictures are these.
-WIDE_COLOURS = {**toyworld.COLOURS, "black": (20, 20, 20), "dark grey": (80, 80, 80), "grey": (128, 128, 128),
-                "light grey": (190, 190, 190), "white": (250, 250, 250), "brown": (120, 72, 30),
-                "pink": (240, 140, 180), "cyan": (40, 200, 210), "navy": (20, 30, 100), "olive": (110, 120, 30)}
-
-
-def colour_name(rgb):
-    return min(WIDE_COLOURS, key=lambda k: sum((a - b) ** 2 for a, b in zip(WIDE_COLOURS[k], rgb)))
-
-
-def random_colour(rng):
-    if rng.random() < 0.3:  # greys: the colours of a greyscale photo
-        return (rng.randrange(256),) * 3
-    return tuple(rng.randrange(256) for _ in range(3))
-
-
-def wide_picture(rng):
-    """(picture, caption): one to four shapes of any colour and size anywhere, on any background."""
-    background = (255, 255, 255) if rng.random() < 0.3 else random_colour(rng)
-    img = Image.new("RGB", (toyworld.SIZE, toyworld.SIZE), background)
-    draw, parts = ImageDraw.Draw(img), []
-    for _ in range(rng.randint(1, 4)):
-        shape, fill, h = rng.choice(toyworld.SHAPES), random_colour(rng), rng.randint(3, 16)
-        x, y = rng.randint(0, toyworld.SIZE), rng.randint(0, toyworld.SIZE)
-        box = [x - h, y - h, x + h, y + h]
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], fill=fill)
-        parts.append(f"{toyworld.article(colour_name(fill))} {colour_name(fill)} {shape}")
-    return img, f"{toyworld.listing(parts)} on {toyworld.article(colour_name(background))} " \
-                f"{colour_name(background)} background"
-
-
 # ---- SigLIP: sigmoid loss on caption pairs --------------------------------------------------------------------------
 def caption_pairs(rng, n):
     """n (picture, caption) pairs: toy train scenes, and a wide_share of wide pictures."""
-    wide = [wide_picture(rng) for _ in range(round(n * wide_share))]
-    scenes = [toyworld.split_scene(rng, "train") for _ in range(n - len(wide))]
-    return [toyworld.render(s) for s in scenes] + [img for img, _ in wide], \
-        [toyworld.caption(rng, s) for s in scenes] + [text for _, text in wide]
+    wide = [scenes.wide_picture(rng) for _ in range(round(n * wide_share))]
+    toy = [scenes.split_scene(rng, "train") for _ in range(n - len(wide))]
+    return [scenes.render(s) for s in toy] + [img for img, _ in wide], \
+        [tasks.caption(rng, s) for s in toy] + [text for _, text in wide]
 
 
 def embed(model, tokenizer, processor, images, texts):
@@ -281,7 +244,7 @@ def val_pairs():
     toy = [(Image.open(os.path.join(data_dir, c["images"][0])).convert("RGB"), c["conversations"][1]["value"])
            for c in read_conversations("val", "caption")]
     rng = random.Random(f"{seed}-wide-val")
-    return {"toy": toy, "wide": [wide_picture(rng) for _ in range(len(toy))]}
+    return {"toy": toy, "wide": [scenes.wide_picture(rng) for _ in range(len(toy))]}
 
 
 @torch.no_grad()
@@ -307,13 +270,13 @@ def pretrain_siglip():
 
     if not os.path.exists(siglip_path):
         tokenizer = AutoTokenizer.from_pretrained(llm_path)  # the toy world's words; any tokenizer would do
-        processor = SiglipImageProcessorPil(size={"height": toyworld.SIZE, "width": toyworld.SIZE})
+        processor = SiglipImageProcessorPil(size={"height": scenes.SIZE, "width": scenes.SIZE})
         tower = dict(hidden_size=siglip_width, intermediate_size=4 * siglip_width, num_attention_heads=4)
         config = SiglipConfig(
             text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=siglip_text_len,
                              num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **tower),
-            vision_config=dict(image_size=toyworld.SIZE, patch_size=4, num_hidden_layers=siglip_layers, **tower))
+            vision_config=dict(image_size=scenes.SIZE, patch_size=4, num_hidden_layers=siglip_layers, **tower))
         model = SiglipModel(config)
         with torch.no_grad():  # SigLIP paper's init: t' = log 10, b = -10 (HF initialises both to 0)
             model.logit_scale.fill_(math.log(10))
@@ -354,7 +317,7 @@ def load_pixels(split, limit):
 
 def wide_pixels(split, n):
     rng = random.Random(f"{seed}-wide-{split}")
-    return to_pixels([wide_picture(rng)[0] for _ in range(n)])
+    return to_pixels([scenes.wide_picture(rng)[0] for _ in range(n)])
 
 
 @torch.no_grad()
@@ -373,7 +336,7 @@ def pretrain_vae():
         n = len(vae_channels)
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                             up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels),
-                            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=toyworld.SIZE,
+                            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=scenes.SIZE,
                             mid_block_add_attention=False)
         toy = load_pixels("train", 8000)  # and a wide_share of wide pictures
         pixels = torch.cat([toy, wide_pixels("train", round(len(toy) * wide_share / (1 - wide_share)))])

@@ -2,11 +2,11 @@
 Real data in (PAPER.md "Data", App. C): converters from the public datasets' layouts into the conversation JSONL of
 DESIGN.md, one subcommand per source.
 
-    python prepare.py llava    --src llava_v1_5_mix665k.json --images /datasets/llava --out data/mine   # or Cambrian
-    python prepare.py pairs    --src metaclip.tsv --out data/mine          # TSV/JSONL of image + caption, or a folder
-    python prepare.py video    --src frames/ --qa video_qa.jsonl --out data/mine
-    python prepare.py edit     --src instructpix2pix.jsonl --out data/mine
-    python prepare.py thinking --src boxes.jsonl --out data/mine
+    python -m tools.prepare llava    --src llava_v1_5_mix665k.json --images /datasets/llava --out data/mine   # or Cambrian
+    python -m tools.prepare pairs    --src metaclip.tsv --out data/mine          # TSV/JSONL of image + caption, or a folder
+    python -m tools.prepare video    --src frames/ --qa video_qa.jsonl --out data/mine
+    python -m tools.prepare edit     --src instructpix2pix.jsonl --out data/mine
+    python -m tools.prepare thinking --src boxes.jsonl --out data/mine
 
 Each one streams its source (a JSON array too), so a 7M-row file never sits in memory, checks every sample as data.py
 and encode.py will read it, and writes
@@ -34,8 +34,9 @@ from tqdm import tqdm
 from data import conversation_problem
 from encode import load_image
 from model import IMAGE
-from toyworld import (CAPTION_PROMPTS, VIDEO_PREDICTIONS, edit_turns, frame_prediction, generation_turns,
-                      thinking_turns, video_qa_turns, zoom)
+from toy.scenes import zoom
+from toy.tasks import (CAPTION_PROMPTS, VIDEO_PREDICTIONS, edit_turns, frame_prediction, generation_turns, thinking_turns,
+                       video_qa_turns)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 ROLE_ALIASES = {"user": "human", "assistant": "gpt"}  # some LLaVA-style sets name the roles as chat templates do
@@ -206,7 +207,7 @@ def llava_samples(args, rng, i, row):
     from/value turns, <image> where each image goes (LLaVA puts it in the first human turn). Rows already in this
     project's format (`images`, a list, and a `task`) are taken as they are."""
     if "video" in row:
-        raise Skip("video sample", "convert videos with `prepare.py video`")
+        raise Skip("video sample", "convert videos with `python -m tools.prepare video`")
     images = (row.get("image") if "image" in row else row.get("images")) or []
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):

