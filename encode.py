@@ -46,8 +46,7 @@ encode_batch_size = 64
 encode_shard_size = 4096  # images per safetensors shard
 skip_bad_images = False  # True: a missing/corrupt image is skipped and counted instead of an error
 device = "auto"  # auto: cuda if available else cpu
-dtype = "auto"  # "auto": bf16 autocast on a bf16 GPU or an AMX CPU (toy: 1.6x the images/s, tokens' cosine to fp32's
-#                 > 0.9999), else fp32; or "bfloat16" / "float32"
+dtype = "auto"  # "auto": bf16 autocast on a bf16 GPU or an AMX CPU, else fp32 (BENCHMARKS.md); or "bfloat16"/"float32"
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -54,7 +54,7 @@ decoder_noise_schedule = {"num_train_timesteps": 1000, "beta_schedule": "scaled_
                           "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
                           "steps_offset": 1, "prediction_type": "sample"}  # SD-1.5's, but predicting the clean
 # latent ("sample") where SD-1.5 predicts the noise: from scratch in minutes, a target that weighs the noisiest steps
-# (where the tokens decide what goes where) as much as the rest learns the scene ~5x faster (README, "The decoder")
+# (where the tokens decide what goes where) as much as the rest learns the scene ~5x faster (docs/devlog.md: decoder)
 decoder_projector_hidden = 512  # Sec. 2.3: 2048 for SD-1.5
 decoder_cond_len = 77  # App. A.2, released code: the 64 projected tokens zero-padded to CLIP's 77
 decoder_spatial_channels = 16  # > 0: the projected tokens also enter as an 8x8 map stacked on the latents (Decoder)
@@ -67,9 +67,9 @@ decoder_warmup_steps = 50  # App. A.2: logarithmic warm-up from 0 to decoder_lr
 decoder_decay_steps = 950  # App. A.2: then linear decay to 0; training lasts warm-up + decay steps
 decoder_batch_size = 32  # global batch; gradient accumulation makes it up
 decoder_micro_batch_size = 32  # per process
-decoder_cond_drop = 0.1  # App. A.2 uses 0.7 ("CFG level 0.7") for SD-1.5; the toy needs more conditioned steps
+decoder_cond_drop = 0.1  # App. A.2: 0.7 for SD-1.5 ("CFG level 0.7", configs/8b.py); the toy's: docs/devlog.md
 decoder_sample_steps = 25  # DDIM steps when decoding
-decoder_guidance = 1.5  # classifier-free guidance scale when decoding (toy, measured: 1.5 > 1.0, 2.0 > 3.0 > 5.0)
+decoder_guidance = 1.5  # classifier-free guidance scale when decoding (the toy's best: docs/devlog.md, "The decoder")
 decoder_grid_images = 16  # val images in each grid of originals beside their decodings
 decoder_grid_interval = 200  # steps between grids in out_dir/logs/decoder_grids/
 decoder_score_scenes = None  # score decodings of the val images with the toy world's read_scene; None: where the

@@ -25,7 +25,7 @@ class Decoder(nn.Module):
     spatial_channels > 0 (configs/tiny.py only) also lays the projected tokens out as their 8x8 grid, through a
     Linear to that many channels, upsampled and stacked onto the noisy latents (the UNet has as many more input
     channels, like SD's inpainting UNet): a UNet trained from scratch in minutes cannot learn where each token goes
-    through cross-attention alone, SD-1.5's pretrained one can (see README, "The decoder")."""
+    through cross-attention alone, SD-1.5's pretrained one can (docs/devlog.md, "The decoder")."""
 
     def __init__(self, unet, token_dim, hidden, cond_len, noise_scheduler, resolution, spatial_channels=0):
         super().__init__()

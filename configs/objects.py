@@ -21,7 +21,7 @@ adapter_data = {"caption": -1}  # stage 1 (App. A.1): captions
 adapter_val = 64  # val samples per task; each val/<task>.jsonl must hold that many
 vpit_data = {"image_qa": -1, "generation": -1}  # stage 2 (Sec. 2.2): understanding and generation together
 vpit_val = 64
-vpit_epochs = 4  # one pass left image_qa at chance (32%, 1 epoch; 56% with 4: README, "Your own data")
+vpit_epochs = 4  # one pass left image_qa at chance (32%, 1 epoch; 56% with 4: docs/devlog.md)
 # the toy stand-in LLM learns to draw only from concentrated examples first (docs/toy_experiments.md, "Generation");
 # a real pretrained LLM needs no lead-in: vpit_lead_in = {}
 vpit_lead_in = {"generation": -1}
