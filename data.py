@@ -3,7 +3,8 @@ Conversations -> training batches, shared by train_adapter.py and train_vpit.py.
 contracts"): startup reads each conversation file once for the byte offset of every line and the number of images in
 it (cached beside the run, a few bytes a conversation); lengths for batching are estimated from those; a conversation
 is read, checked and tokenized only when its batch is built, in DataLoader workers. Visual tokens come from encode.py's
-cache. Batches are length-grouped so little compute is spent on padding.
+cache. Batches are length-grouped so little compute is spent on padding; collate pads them. At the end: val
+conversations as eval.py's questions and pictures to draw, and answers matched as the LLaVA/Cambrian layouts give them.
 """
 import hashlib
 import json
