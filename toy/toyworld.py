@@ -55,7 +55,6 @@ def write_task(root, split, name, make, count, rng, avoid):
             f.write(json.dumps(sample) + "\n")
 
 
-
 def write_corpus(path, rng, n_captions, repeats):
     lines = [caption(rng, split_scene(rng, "train")) for _ in range(n_captions)]
     lines += [f"{p} {a}." for p, a in facts() for _ in range(repeats)]
