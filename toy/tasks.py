@@ -264,7 +264,6 @@ TASKS = {"caption": task_caption, "image_qa": task_image_qa, "video_qa": task_vi
 HELDOUT = {"generation_heldout": task_generation_heldout, "generation_riddle": task_generation_riddle}
 
 
-
 def facts():
     """(prompt, answer) pairs of the fact base and arithmetic: the stand-in LLM must complete prompt with answer."""
     pairs = []
