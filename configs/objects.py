@@ -22,7 +22,7 @@ adapter_val = 64  # val samples per task; each val/<task>.jsonl must hold that m
 vpit_data = {"image_qa": -1, "generation": -1}  # stage 2 (Sec. 2.2): understanding and generation together
 vpit_val = 64
 vpit_epochs = 4  # one pass left image_qa at chance (32%, 1 epoch; 56% with 4: docs/devlog.md)
-# the toy stand-in LLM learns to draw only from concentrated examples first (docs/toy_experiments.md, "Generation");
+# the toy stand-in LLM learns to draw only from concentrated examples first (docs/devlog.md, "Generation");
 # a real pretrained LLM needs no lead-in: vpit_lead_in = {}
 vpit_lead_in = {"generation": -1}
 vpit_lead_in_epochs = 4
