@@ -26,6 +26,12 @@ STAGES = ["toy/toyworld.py", "toy/pretrain_tiny.py", "tools/prepare_smol.py", "e
           "tools/ablate.py", "tools/benchmark.py"]
 
 
+def script_args(script):
+    """The arguments after `python` that run a script given by its path from the repo root: the stage files by name,
+    those in a folder as modules from the root (toy/toyworld.py -> -m toy.toyworld), so their imports resolve."""
+    return ["-m", script[:-len(".py")].replace("/", ".")] if "/" in script else [script]
+
+
 class ConfigError(ValueError):
     """A mistake in a config file or on the command line (not a bug): one line on stderr from the command line."""
 
@@ -126,8 +132,8 @@ def print_help(g, defaults, config_file, from_file):
     """The script's docstring, how to call it, and every knob: its value now, where it came from, and its comment."""
     script = g.get("__file__", sys.argv[0])
     name, notes = os.path.basename(script), comments(script) if os.path.exists(script) else {}
-    where = os.path.relpath(os.path.abspath(script), ROOT)
-    command = f"-m {where[:-len('.py')].replace(os.sep, '.')}" if os.sep in where and not where.startswith("..") else name
+    where = os.path.relpath(os.path.abspath(script), ROOT).replace(os.sep, "/")
+    command = " ".join(script_args(where)) if not where.startswith("..") else name
     print(f"{name}: {(g.get('__doc__') or '').strip()}\n")
     print(f"usage: python {command} [config.py] [--key=value ...]   (config now: {os.path.relpath(config_file)})")
     print(f"knobs, with their values now ({os.path.basename(config_file)}: set by the config file):")

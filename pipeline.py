@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from configurator import script_args
+
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
 out_dir = "out/tiny"
@@ -52,8 +54,8 @@ def stages():
 
 
 def run(script, config, parallel, *args):
-    module = ["-m", script[:-len(".py")].replace("/", ".")] if "/" in script else [script]  # toy/x.py: python -m toy.x
-    command = (shlex.split(launcher) if parallel and launcher else [sys.executable]) + [*module, config, *args]
+    runner = shlex.split(launcher) if parallel and launcher else [sys.executable]
+    command = runner + [*script_args(script), config, *args]
     print(f"\n=== {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, check=True)

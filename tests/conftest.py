@@ -1,5 +1,6 @@
 """Shared fixtures: a micro toy world, micro stand-ins and their token cache, made once per test session by the real
-scripts (toy/toyworld.py, toy/pretrain_tiny.py, encode.py) at micro sizes; and a run of untrained micro models over them."""
+scripts (toy/toyworld.py, toy/pretrain_tiny.py, encode.py) at micro sizes; and a run of untrained micro models over
+them."""
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import TokenCache  # noqa: E402  (the project's modules, once ROOT is on the path)
+from common import TokenCache  # noqa: E402
+from configurator import script_args  # noqa: E402  (the project's modules, once ROOT is on the path)
 from model import MetaMorph  # noqa: E402
 from visualizer import Decoder  # noqa: E402
 
@@ -29,8 +31,7 @@ MICRO_MODELS = ["--siglip_width=32", "--siglip_layers=1", "--siglip_steps=3", "-
 def run(script, *args, env=None, check=True, timeout=None):
     """Run a project script (or torchrun ...) from the repo root; return the CompletedProcess. timeout: seconds, for
     runs that could hang (a collective one rank never joins)."""
-    module = ["-m", script[:-len(".py")].replace("/", ".")] if "/" in script else [script]  # toy/x.py: -m toy.x
-    cmd = [sys.executable, *module, *args] if script.endswith(".py") else [script, *args]
+    cmd = [sys.executable, *script_args(script), *args] if script.endswith(".py") else [script, *args]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
                          timeout=timeout)
     if check and out.returncode != 0:

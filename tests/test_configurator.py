@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from configurator import ROOT, STAGES, comments, configure, split_args
+from configurator import ROOT, STAGES, comments, configure, script_args, split_args
 
 
 def knobs():
@@ -125,8 +125,7 @@ def test_help_shows_the_values_after_the_config_file(tmp_path, capsys):
 
 
 def run_script(script, *args):
-    module = ["-m", script[:-len(".py")].replace("/", ".")] if "/" in script else [script]  # tools/x.py: -m tools.x
-    return subprocess.run([sys.executable, *module, *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, *script_args(script), *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_every_script_answers_help_with_its_knobs():
