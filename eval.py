@@ -44,6 +44,7 @@ eval_understanding = {"image_qa": 200, "video_qa": 100, "visual_thinking": 64}
 eval_generation = {"generation": 48, "generation_heldout": 48, "generation_riddle": 48, "image_edit": 32,
                    "video_prediction": 8}  # val samples per set (a video_prediction sample asks for 1-5 pictures)
 eval_batch_size = 32
+eval_max_new_images = 8  # pictures a reply may draw (video_prediction asks for up to 5); past it the turn ends
 eval_max_new_tokens = 96  # text tokens of a reply: an answer, or the words around the pictures it draws (a
 # picture's 64 vision steps are not text tokens); room for a sentence or two before a picture
 decoder_sample_steps = 25
@@ -85,8 +86,8 @@ def sets_in_data():
 # ---- understanding ---------------------------------------------------------------------------------------------------
 def replies(model, cache, items, dev):
     """Greedy replies to (conversation, image paths) items, eval_batch_size at a time side by side in one KV cache
-    (model.generate_batch), eval_max_new_tokens text tokens at most: per item, its pieces (text ids, image tokens, text
-    ids, ...)."""
+    (model.generate_batch), eval_max_new_tokens text tokens and eval_max_new_images pictures at most: per item, its
+    pieces (text ids, image tokens, text ids, ...)."""
     out = []
     for i in tqdm(range(0, len(items), eval_batch_size), desc="generate", leave=False):
         batch = items[i:i + eval_batch_size]
@@ -94,7 +95,7 @@ def replies(model, cache, items, dev):
                    for conv, paths in batch]
         visual = [(cache(paths) if paths else torch.zeros(0, model.vision_dim)).to(dev) for _, paths in batch]
         out += model.generate_batch([(p["input_ids"].to(dev), p["slots"].to(dev)) for p in prompts], visual,
-                                    eval_max_new_tokens)[0]
+                                    eval_max_new_tokens, max_new_images=eval_max_new_images)[0]
     return out
 
 

@@ -172,24 +172,27 @@ class MetaMorph(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, slots, visual_tokens, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                 generator=None, past_key_values=None):
+                 generator=None, past_key_values=None, max_new_images=None):
         """Continue one sequence (generate_batch with a batch of one). Returns (pieces, cache)."""
         pieces, past_key_values = self.generate_batch([(input_ids, slots)], [visual_tokens], max_new_tokens,
-                                                      temperature, top_p, generator, past_key_values)
+                                                      temperature, top_p, generator, past_key_values,
+                                                      max_new_images=max_new_images)
         return pieces[0], past_key_values
 
     @torch.no_grad()
     def generate_batch(self, prompts, visual_tokens, max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None,
-                       past_key_values=None, lockstep=False):
+                       past_key_values=None, lockstep=False, max_new_images=None):
         """Continue sequences side by side in one KV cache, left-padded. prompts: (input_ids, slots) pairs of 1-D
         tensors; visual_tokens: per prompt, the (n_images * num_visual_tokens, d) tokens its slots index. Each row runs
         its own course: text mode until `<image_start>`; then num_visual_tokens steps of vision mode
         (v = normalize(vision_head(h)), next input = adapter(v)); then `<image_end>` and text again (Sec. 2), until it
-        ends its turn or has sampled max_new_tokens text tokens. Returns (pieces per row, cache): pieces alternate
-        lists of token ids and (num_visual_tokens, vision_dim) images. past_key_values: the cache an earlier call
-        returned for one row, to go on with that conversation (sample.py --chat). lockstep: every rank of a process
-        group runs this call on the same prompts (ZeRO-3: each forward gathers weights from all of them): rank 0's
-        tokens are every rank's, so all take the same steps in the same modes and none waits alone."""
+        ends its turn, has sampled max_new_tokens text tokens, or would open a picture past max_new_images (None: no
+        limit; a picture costs num_visual_tokens steps but one text token, so a row that never stops drawing runs
+        ~65x longer than max_new_tokens suggests). Returns (pieces per row, cache): pieces alternate lists of token ids
+        and (num_visual_tokens, vision_dim) images. past_key_values: the cache an earlier call returned for one row,
+        to go on with that conversation (sample.py --chat). lockstep: every rank of a process group runs this call on
+        the same prompts (ZeRO-3: each forward gathers weights from all of them): rank 0's tokens are every rank's, so
+        all take the same steps in the same modes and none waits alone."""
         decoder, head, token_embedding = self.llm.get_decoder(), self.llm.get_output_embeddings(), \
             self.llm.get_input_embeddings()
         stop, n = self.stop_ids(), len(prompts)
@@ -229,6 +232,8 @@ class MetaMorph(nn.Module):
                     text[i], feed[i], state[i] = [self.image_end_id], self.image_end_id, "text"
                 elif state[i] == "text":
                     token = tokens[i] if sampled[i] < max_new_tokens else None
+                    if token == self.image_start_id and len(pieces[i]) // 2 == max_new_images:
+                        token = None  # its pictures are all drawn: the turn ends where another would begin
                     if token is None or token in stop:
                         pieces[i].append(text[i])
                         state[i] = "done"

@@ -32,6 +32,7 @@ prompt = ""
 image = []  # input images, repeatable: --image a.png --image b.png
 chat = False
 max_new_tokens = 256
+max_new_images = 4  # pictures a reply may draw; each takes num_visual_tokens + 1 places of max_seq_len
 temperature = 0.0  # 0: greedy
 top_p = 1.0
 seed = 0
@@ -99,12 +100,13 @@ class Session:
                   if images else torch.zeros(0, self.model.vision_dim)).to(self.dev)
         ids, slots = self.prompt_ids(text, len(images))
         used = self.cache.get_seq_length() if self.cache is not None else 0
-        picture = self.model.num_visual_tokens + 1  # room for a picture: slots + <image_end>, not in max_new_tokens
-        if used + len(ids) + max_new_tokens + picture > max_seq_len:
+        pictures = max_new_images * (self.model.num_visual_tokens + 1)  # slots + <image_end>: not in max_new_tokens
+        if used + len(ids) + max_new_tokens + pictures > max_seq_len:
             raise ValueError(f"prompt too long: {used} tokens of conversation so far + {len(ids)} new + "
-                             f"max_new_tokens={max_new_tokens} + {picture} for a picture > max_seq_len={max_seq_len}")
+                             f"max_new_tokens={max_new_tokens} + {pictures} for max_new_images={max_new_images} "
+                             f"> max_seq_len={max_seq_len}")
         pieces, self.cache = self.model.generate(ids.to(self.dev), slots.to(self.dev), visual, max_new_tokens,
-                                                 temperature, top_p, self.generator, self.cache)
+                                                 temperature, top_p, self.generator, self.cache, max_new_images)
         decode = lambda ids: self.model.tokenizer.decode(ids, skip_special_tokens=True)
         texts, paths = pieces[0::2], self.save_images(pieces[1::2])
         words = [decode(texts[0])]

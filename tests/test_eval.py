@@ -195,6 +195,34 @@ def test_batched_generation_with_rows_in_both_modes_under_bf16_autocast(micro, m
     assert len(pieces[0]) == 5 and all(image.shape == (64, model.vision_dim) for image in pieces[0][1::2])
     assert len(pieces[1]) == 1 and len(pieces[1][0]) == 2
 
+def test_a_row_that_never_stops_drawing_ends_at_max_new_images(micro, model):
+    """A picture costs one text token of max_new_tokens but 65 steps: a row opening picture after picture (eval's
+    video_prediction once drew 96 in one reply) must end its turn where a picture past max_new_images would begin,
+    while the row beside it writes on."""
+    cache = TokenCache(f"{micro['out_dir']}/tokens")
+    items = data.questions("image_qa", ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl"))[:2]
+    prompts = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
+    visual = [cache.get_many(p).flatten(0, 1).float() for _, p, _, _ in items]
+
+    def opens(module, inputs, logits):  # row 0 opens a picture whenever it writes, row 1 never does
+        logits = logits.clone()
+        logits[0, model.image_start_id] = 1e4
+        logits[1:, model.image_start_id] = -1e4
+        return logits
+    model.stop_ids = lambda: set()
+    hook = model.llm.get_output_embeddings().register_forward_hook(opens)
+    try:
+        run = lambda limit: model.generate_batch([(p["input_ids"], p["slots"]) for p in prompts], visual,
+                                                 max_new_tokens=5, max_new_images=limit)[0]
+        unlimited, limited = run(None), run(2)
+    finally:
+        del model.stop_ids
+        hook.remove()
+    assert len(unlimited[0][1::2]) == 5 and len(limited[0][1::2]) == 2
+    assert limited[0][-1] == [model.image_end_id]  # the turn ended after the second picture, nothing opened
+    assert limited[1] == unlimited[1] and len(limited[1][0]) == 5
+
+
 def test_questions_cover_every_turn_with_earlier_answers_given():
     sample = {"images": ["a.png"], "meta": {"qtypes": ["colour", "count"]}, "conversations": [
         {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"},

@@ -107,14 +107,18 @@ def test_clear_errors(micro_run, micro, tmp_path):
 
 
 
-def test_the_length_check_leaves_room_for_a_picture(session, monkeypatch):
-    """max_new_tokens counts text tokens only; a picture adds 65 positions, which must fit in max_seq_len too."""
+def test_the_length_check_leaves_room_for_every_picture_a_reply_may_draw(session, monkeypatch):
+    """max_new_tokens counts text tokens only; a picture adds 65 positions, and a reply may draw max_new_images of
+    them, which must all fit in max_seq_len. The model here opens a picture at every text token: it stops at the
+    limit (max_new_tokens=3 alone would let it draw 3)."""
+    monkeypatch.setattr(sample, "max_new_images", 2)
     ids, _ = session.prompt_ids("Draw a red circle.", 0)
-    monkeypatch.setattr(sample, "max_seq_len", len(ids) + sample.max_new_tokens + 64)  # fits text alone, not a picture
-    with pytest.raises(ValueError, match="65 for a picture"):
+    monkeypatch.setattr(sample, "max_seq_len", len(ids) + sample.max_new_tokens + 129)  # one place short
+    with pytest.raises(ValueError, match="130 for max_new_images=2"):
         session.reply("Draw a red circle.")
-    monkeypatch.setattr(sample, "max_seq_len", len(ids) + sample.max_new_tokens + 65)
-    assert "[image:" in session.reply("Draw a red circle.")
+    monkeypatch.setattr(sample, "max_seq_len", len(ids) + sample.max_new_tokens + 130)
+    assert session.reply("Draw a red circle.").count("[image:") == 2
+
 
 def test_chat_keeps_every_turn_in_the_kv_cache(session, micro):
     """Turn 2 on the cache of turn 1 (a question and a generated picture) gives what generate() gives on the whole
