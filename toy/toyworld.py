@@ -30,8 +30,8 @@ toy_heldout_val = 200  # samples in each held-out file: generation_heldout.jsonl
 toy_corpus_captions = 8000  # caption sentences in corpus.txt
 toy_fact_repeats = 50  # copies of each fact and sum in corpus.txt, so the stand-in LLM knows them by heart
 # Text-only conversations for the stand-in LLM's pretraining (text/train.jsonl): the prior a real LLM brings to VPiT,
-# reading an answer out of its context (Sec. 2: the method starts from a pretrained instruction-tuned LLM); more
-# distinct scene_qa teaches the lookups that scene_qa misses, if the facts keep their share (docs/devlog.md)
+# reading an answer out of its context (Sec. 2: the method starts from a pretrained instruction-tuned LLM); three
+# larger mixes tried, one run each, 78-89% against 86.5% (docs/devlog.md)
 toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "repeat": 15000, "facts": 3000, "riddle": 4000}
 toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100}  # text/val.jsonl: scored by toy/pretrain_tiny.py
 # ---------------------------------------------------------------------------------------------------------------------
