@@ -244,8 +244,8 @@ def test_benchmark_file_runner(micro, model, tmp_path, monkeypatch):
     path = tmp_path / "bench.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen, real = [], model.generate_batch
-    monkeypatch.setattr(model, "generate_batch", lambda prompts, visual, n: seen.extend(prompts) or real(
-        prompts, visual, n))
+    monkeypatch.setattr(model, "generate_batch", lambda prompts, visual, n, **limits: seen.extend(prompts) or real(
+        prompts, visual, n, **limits))
     monkeypatch.setattr(ev, "benchmark_file", str(path))
     monkeypatch.setattr(ev, "benchmark_image_root", micro["data_dir"])
     tower, processor = load_vision_tower(f"{micro['base']}/siglip")
