@@ -1,6 +1,7 @@
 """eval.py: Frechet distance against the closed form, answer scoring edge cases, scene scoring on hand-made scenes,
 batched generation against one at a time, the benchmark-file runner, the sets a dataset lacks, and metrics of too few
 pictures (n/a)."""
+import contextlib
 import json
 import os
 import shutil
@@ -170,15 +171,16 @@ def test_batched_generation_equals_one_at_a_time(micro, model, draw):
 
 
 
-def test_batched_generation_with_rows_in_both_modes_under_bf16_autocast(micro, model):
-    """Under bf16 autocast the adapter's output is bf16 while the embedding rows are fp32: a step where one row draws
-    and another writes text must still mix them (it raised a dtype error in index_put)."""
+@contextlib.contextmanager
+def row_0_always_draws(micro, model):
+    """Two image_qa prompts and their visual tokens, with the LM head patched so that row 0 opens a picture whenever
+    it writes and row 1 never does, and nothing ends a turn early: yields (prompts as generate_batch takes them,
+    visual tokens)."""
     cache = TokenCache(f"{micro['out_dir']}/tokens")
     items = data.questions("image_qa", ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl"))[:2]
-    prompts = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
-    visual = [cache.get_many(p).flatten(0, 1).float() for _, p, _, _ in items]
+    built = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
 
-    def opens(module, inputs, logits):  # row 0 opens a picture whenever it writes, row 1 never does
+    def opens(module, inputs, logits):
         logits = logits.clone()
         logits[0, model.image_start_id] = 1e4
         logits[1:, model.image_start_id] = -1e4
@@ -186,38 +188,29 @@ def test_batched_generation_with_rows_in_both_modes_under_bf16_autocast(micro, m
     model.stop_ids = lambda: set()
     hook = model.llm.get_output_embeddings().register_forward_hook(opens)
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            pieces, _ = model.generate_batch([(p["input_ids"], p["slots"]) for p in prompts], visual,
-                                             max_new_tokens=2)
+        yield [(p["input_ids"], p["slots"]) for p in built], [cache.get_many(p).flatten(0, 1).float()
+                                                              for _, p, _, _ in items]
     finally:
         del model.stop_ids
         hook.remove()
+
+
+def test_batched_generation_with_rows_in_both_modes_under_bf16_autocast(micro, model):
+    """Under bf16 autocast the adapter's output is bf16 while the embedding rows are fp32: a step where one row draws
+    and another writes text must still mix them (it raised a dtype error in index_put)."""
+    with row_0_always_draws(micro, model) as (prompts, visual), torch.autocast("cpu", dtype=torch.bfloat16):
+        pieces, _ = model.generate_batch(prompts, visual, max_new_tokens=2)
     assert len(pieces[0]) == 5 and all(image.shape == (64, model.vision_dim) for image in pieces[0][1::2])
     assert len(pieces[1]) == 1 and len(pieces[1][0]) == 2
+
 
 def test_a_row_that_never_stops_drawing_ends_at_max_new_images(micro, model):
     """A picture costs one text token of max_new_tokens but 65 steps: a row opening picture after picture (eval's
     video_prediction once drew 96 in one reply) must end its turn where a picture past max_new_images would begin,
     while the row beside it writes on."""
-    cache = TokenCache(f"{micro['out_dir']}/tokens")
-    items = data.questions("image_qa", ev.read_jsonl(f"{micro['data_dir']}/val/image_qa.jsonl"))[:2]
-    prompts = [build_sample(model.tokenizer, c, len(p), 64, add_generation_prompt=True) for c, p, _, _ in items]
-    visual = [cache.get_many(p).flatten(0, 1).float() for _, p, _, _ in items]
-
-    def opens(module, inputs, logits):  # row 0 opens a picture whenever it writes, row 1 never does
-        logits = logits.clone()
-        logits[0, model.image_start_id] = 1e4
-        logits[1:, model.image_start_id] = -1e4
-        return logits
-    model.stop_ids = lambda: set()
-    hook = model.llm.get_output_embeddings().register_forward_hook(opens)
-    try:
-        run = lambda limit: model.generate_batch([(p["input_ids"], p["slots"]) for p in prompts], visual,
-                                                 max_new_tokens=5, max_new_images=limit)[0]
-        unlimited, limited = run(None), run(2)
-    finally:
-        del model.stop_ids
-        hook.remove()
+    with row_0_always_draws(micro, model) as (prompts, visual):
+        unlimited, limited = (model.generate_batch(prompts, visual, max_new_tokens=5, max_new_images=limit)[0]
+                              for limit in (None, 2))
     assert len(unlimited[0][1::2]) == 5 and len(limited[0][1::2]) == 2
     assert limited[0][-1] == [model.image_end_id]  # the turn ended after the second picture, nothing opened
     assert limited[1] == unlimited[1] and len(limited[1][0]) == 5
