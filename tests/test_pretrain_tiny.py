@@ -16,7 +16,7 @@ def test_stand_ins_train_save_and_load_in_real_formats(micro):
     report = json.load(open(f"{base}/pretrain_report.json"))
     assert set(report) == {"llm_val_perplexity", "llm_fact_recall", "llm_text_scene_qa", "llm_text_video_qa",
                            "llm_text_keyed_copy", "siglip_toy_retrieval_top1_of_32", "siglip_wide_retrieval_top1_of_32",
-                           "vae_toy_val_psnr_db", "vae_wide_val_psnr_db"}
+                           "vae_toy_val_psnr_db", "vae_wide_val_psnr_db", "vae_toy_val_objects_read_back"}
     assert not any(os.path.exists(f"{base}/{p}.tmp") for p in ("siglip", "llm", "vae"))
 
     tokenizer = AutoTokenizer.from_pretrained(f"{base}/llm")
@@ -35,6 +35,19 @@ def test_stand_ins_train_save_and_load_in_real_formats(micro):
     vae = AutoencoderKL.from_pretrained(f"{base}/vae")
     latents = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latents.shape == (1, 4, 32, 32) and vae.config.scaling_factor != 0.18215  # measured, not SD's constant
+
+
+def test_objects_read_back_scores_the_round_trip_with_the_scene_reader(micro, monkeypatch):
+    from types import SimpleNamespace
+
+    from toy import pretrain_tiny
+
+    monkeypatch.setattr(pretrain_tiny, "data_dir", micro["data_dir"])
+    perfect = lambda pixels, sample_posterior: SimpleNamespace(sample=pixels)
+    blank = lambda pixels, sample_posterior: SimpleNamespace(sample=torch.ones_like(pixels))  # all white
+    for vae, expected in [(perfect, 1.0), (blank, 0.0)]:
+        vae.eval = lambda: None
+        assert pretrain_tiny.objects_read_back(vae, n=8) == expected
 
 
 def test_second_run_trains_nothing_and_measures_again(micro):
