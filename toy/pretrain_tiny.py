@@ -1,7 +1,7 @@
 """
 Toy-scale stand-ins for the three pretrained models configs/8b.py loads from disk, saved with save_pretrained in the
 real formats, so every later stage loads them exactly as it loads the real ones. The repo ships them in toy/base; this
-script is how they were made (one command, about 60 min on 2 cores without AMX):
+script is how they were made (one command, about 54 min on 2 cores without AMX):
 
     siglip_path  a SiglipModel (64x64 input, patch 4 -> a 16x16 grid, as 384/14 -> 27x27 at full scale), sigmoid loss
     llm_path     a LlamaForCausalLM + a byte-level BPE tokenizer with a ChatML chat template, pretrained on the toy
