@@ -338,7 +338,8 @@ def objects_read_back(vae, n=200):
     rows = read_conversations("val", "generation")[:n]
     pixels = to_pixels([Image.open(os.path.join(data_dir, row["images"][-1])) for row in rows])
     out = ((round_trip(vae, pixels) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return scenes.scene_accuracy([Image.fromarray(a) for a in out], [row["meta"]["scenes"][-1] for row in rows])["object"]
+    pictures, targets = [Image.fromarray(a) for a in out], [row["meta"]["scenes"][-1] for row in rows]
+    return scenes.scene_accuracy(pictures, targets)["object"]
 
 
 def pretrain_vae():
