@@ -112,10 +112,14 @@ def decode_tokens(vis, tokens, steps=25, guidance=1.5, seed=0, batch_size=64):
         for t in scheduler.timesteps:
             uncond, cond = vis.decoder(torch.cat([x, x]), t.expand(len(both)), both, keep).chunk(2)
             x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample  # any prediction type
-        pixels = vis.vae.decode(x / vis.vae.config.scaling_factor).sample
-        pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        images += [Image.fromarray(p) for p in pixels]
+        images += to_images(vis.vae.decode(x / vis.vae.config.scaling_factor).sample)
     return images
+
+
+def to_images(pixels):
+    """A VAE's output, (B, 3, H, W) in [-1, 1] -> B RGB PIL images."""
+    pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
 
 
 # ---- pictures side by side -------------------------------------------------------------------------------------------

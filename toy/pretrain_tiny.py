@@ -26,6 +26,7 @@ from tqdm import tqdm
 from common import save_atomically, wants_bf16
 from model import IGNORE, build_sample
 from toy import scenes, tasks
+from visualizer import to_images
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -337,9 +338,8 @@ def objects_read_back(vae, n=200):
     their cell) after an encode-decode round trip: the most any decoder drawing into this VAE's latents can score."""
     rows = read_conversations("val", "generation")[:n]
     pixels = to_pixels([Image.open(os.path.join(data_dir, row["images"][-1])) for row in rows])
-    out = ((round_trip(vae, pixels) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    pictures, targets = [Image.fromarray(a) for a in out], [row["meta"]["scenes"][-1] for row in rows]
-    return scenes.scene_accuracy(pictures, targets)["object"]
+    targets = [row["meta"]["scenes"][-1] for row in rows]
+    return scenes.scene_accuracy(to_images(round_trip(vae, pixels)), targets)["object"]
 
 
 def pretrain_vae():
