@@ -6,6 +6,7 @@ import os
 import torch
 
 from conftest import MICRO_MODELS, run
+from toy import scenes
 
 
 def test_stand_ins_train_save_and_load_in_real_formats(micro):
@@ -15,7 +16,8 @@ def test_stand_ins_train_save_and_load_in_real_formats(micro):
     base = micro["base"]
     report = json.load(open(f"{base}/pretrain_report.json"))
     assert set(report) == {"llm_val_perplexity", "llm_fact_recall", "llm_text_scene_qa", "llm_text_video_qa",
-                           "llm_text_keyed_copy", "siglip_toy_retrieval_top1_of_32", "siglip_wide_retrieval_top1_of_32",
+                           "llm_text_keyed_copy", "llm_text_grid_qa", "llm_text_grid_draw",
+                           "siglip_toy_retrieval_top1_of_32", "siglip_wide_retrieval_top1_of_32",
                            "vae_toy_val_psnr_db", "vae_wide_val_psnr_db", "vae_toy_val_objects_read_back"}
     assert not any(os.path.exists(f"{base}/{p}.tmp") for p in ("siglip", "llm", "vae"))
 
@@ -25,6 +27,9 @@ def test_stand_ins_train_save_and_load_in_real_formats(micro):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert llm.config.vocab_size == len(tokenizer) and tokenizer.eos_token == "<|im_end|>"
     assert llm(torch.tensor([tokenizer("a red circle")["input_ids"]])).logits.shape[-1] == len(tokenizer)
+    grid = "".join(scenes.SLOT_WORDS)  # a grid's slot is one token, and it decodes back whole
+    assert len(tokenizer(grid)["input_ids"]) == len(scenes.SLOT_WORDS)
+    assert tokenizer.decode(tokenizer(grid)["input_ids"]) == grid
 
     siglip = SiglipModel.from_pretrained(f"{base}/siglip")
     processor = AutoImageProcessor.from_pretrained(f"{base}/siglip")

@@ -2,6 +2,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -17,8 +18,9 @@ SMALL = ("--toy_train={'caption': 6, 'image_qa': 40, 'video_qa': 8, 'generation'
 SMALL_VAL = "--toy_val={'caption': 4, 'image_qa': 14, 'video_qa': 4, 'generation': 4, 'image_edit': 4, " \
             "'video_prediction': 8, 'visual_thinking': 4}"
 
-TEXT = "--toy_text={'scene_qa': 60, 'video_qa': 10, 'keyed_copy': 10, 'repeat': 10, 'facts': 10, 'riddle': 20}"
-TEXT_VAL = "--toy_text_val={'scene_qa': 20, 'video_qa': 6, 'keyed_copy': 4}"
+TEXT = ("--toy_text={'scene_qa': 60, 'video_qa': 10, 'keyed_copy': 10, 'repeat': 10, 'facts': 10, 'riddle': 20, "
+        "'grid_qa': 30, 'grid_caption': 10, 'grid_draw': 30}")
+TEXT_VAL = "--toy_text_val={'scene_qa': 20, 'video_qa': 6, 'keyed_copy': 4, 'grid_qa': 4, 'grid_draw': 4}"
 
 
 def make_world(path, seed=5):
@@ -152,6 +154,17 @@ def test_val_scenes_are_never_training_scenes(world):
         if c["task"] in ("riddle", "keyed_copy", "repeat"):
             in_words.add(turns[1])
     assert len(in_words) > 50 and not in_words & val
+    # ... nor as a grid of words
+    val_grids = {scenes.grid(scene) for task in {**tasks.TASKS, **tasks.HELDOUT} if not task.startswith("video")
+                 for s in samples(world, "val", task) for scene in s["meta"]["scenes"] if scene and "x" in scene[0]}
+    train_grids = set()
+    for c in text_rows(world, "train"):
+        turns = [t["value"] for t in c["conversations"]]
+        if c["task"] in ("grid_qa", "grid_caption"):
+            train_grids.add(turns[0][len("Grid: "):].split("\n")[0])
+        if c["task"] == "grid_draw":
+            train_grids.add(turns[1])
+    assert len(train_grids) > 30 and len(val_grids) > 30 and not train_grids & val_grids
 
 
 def test_text_conversations_answer_from_the_words(world):
@@ -168,8 +181,16 @@ def test_text_conversations_answer_from_the_words(world):
         if c["task"] == "scene_qa" and turns[0].startswith("Scene: ") and "What colour is the" in turns[0]:
             scene_text, question = turns[0][len("Scene: "):].split("\n", 1)
             assert turns[1] in scene_text
+        if c["task"] == "grid_draw":  # 64 slot words, each object asked for where asked (riddles name none)
+            words = re.findall(r"\[[^]]*\]", turns[1])
+            assert len(words) == 64 and "".join(words) == turns[1] and set(words) <= set(scenes.SLOT_WORDS)
+            if "in the colour of" not in turns[0]:
+                assert {w[1:-1] for w in words if w != scenes.EMPTY_SLOT} == set(re.findall(
+                    r"(?:large|small) \w+ \w+(?= in the)", turns[0]))
+        if c["task"] == "grid_qa" and turns[1] in scenes.COLOURS:  # a colour is read off the grid
+            assert turns[1] in turns[0].split("\n")[0]
     val = text_rows(world, "val")
-    assert {c["task"] for c in val} == {"scene_qa", "video_qa", "keyed_copy"}
+    assert {c["task"] for c in val} == {"scene_qa", "video_qa", "keyed_copy", "grid_qa", "grid_draw"}
 
 
 def test_riddles_need_corpus_facts_absent_from_image_data(world):
@@ -207,3 +228,23 @@ def test_scene_reader_on_hand_made_scene_and_blank():
     assert read_scene(render([])) == []
     assert len(COLOURS) >= 6 and set(SHAPES) >= {"circle", "square", "triangle"} and len(HALF) == 2
     assert len(POSITIONS) == 9
+
+
+def test_grid_puts_each_object_in_the_slots_it_covers():
+    """scenes.grid: 64 slot words in reading order; every object of every kind is in at least one slot, only in
+    slots inside its bounding box, and each slot it names is one it covers for a quarter or more."""
+    rng = random.Random(0)
+    assert scenes.grid([]) == scenes.EMPTY_SLOT * 64
+    for _ in range(100):
+        scene = scenes.random_scene(rng)
+        words = re.findall(r"\[[^]]*\]", scenes.grid(scene))
+        assert len(words) == 64
+        named = lambda o: f"[{o['size']} {o['colour']} {o['shape']}]"
+        assert all(named(o) in words for o in scene)
+        near = lambda o, i: all(abs(centre - at) < HALF[o["size"]] + scenes.SLOT for centre, at in zip(
+            [(c + 0.5) * scenes.SLOT for c in divmod(i, 8)[::-1]], (o["x"], o["y"])))
+        for i, w in enumerate(words):
+            assert w == scenes.EMPTY_SLOT or any(named(o) == w and near(o, i) for o in scene), (i, w, scene)
+    big = {"shape": "square", "colour": "red", "size": "large", "x": 11, "y": 11}  # pixels 3..19: slots 0-2 x 0-2
+    words = re.findall(r"\[[^]]*\]", scenes.grid([big]))
+    assert [i for i, w in enumerate(words) if w != scenes.EMPTY_SLOT] == [0, 1, 2, 8, 9, 10, 16, 17, 18]

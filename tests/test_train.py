@@ -37,7 +37,7 @@ def curve(out, stage="vpit"):
 def test_stage1_then_stage2(micro, tmp_path):
     out = fresh_out(micro, tmp_path, "both")
     run("train_adapter.py", *stage_args(micro, out), "--adapter_data={'caption': 16}", "--adapter_val=2",
-        "--micro_batch_size=4", "--adapter_batch_size=8", "--log_interval=1")
+        "--micro_batch_size=4", "--adapter_batch_size=8", "--adapter_epochs=4", "--log_interval=1")
     assert os.path.exists(os.path.join(out, "adapter", "metamorph.safetensors"))
     assert not os.path.exists(os.path.join(out, "ckpt", "adapter"))
     log = run("train_vpit.py", *stage_args(micro, out), *STAGE2, "--vpit_init=adapter")
@@ -242,7 +242,7 @@ def test_stage1_on_zero3_two_processes_trains_the_delimiter_rows(micro, tmp_path
     pytest.importorskip("deepspeed")
     out = fresh_out(micro, tmp_path, "stage1_zero3")
     torchrun("train_adapter.py", *stage_args(micro, out), "--adapter_data={'caption': 16}", "--adapter_val=2",
-             "--micro_batch_size=4", "--adapter_batch_size=8", "--device=cpu",
+             "--micro_batch_size=4", "--adapter_batch_size=8", "--adapter_epochs=4", "--device=cpu",
              "--adapter_deepspeed_config=configs/zero3.json")
     saved = load_file(os.path.join(out, "adapter", "metamorph.safetensors"))
     start = MetaMorph.from_llm(os.path.join(micro["base"], "llm"), saved["adapter.0.weight"].shape[1])

@@ -1,11 +1,12 @@
 """
 Toy-scale stand-ins for the three pretrained models configs/8b.py loads from disk, saved with save_pretrained in the
 real formats, so every later stage loads them exactly as it loads the real ones. The repo ships them in toy/base; this
-script is how they were made (one command, about 54 min on 2 cores without AMX):
+script is how they were made (one command, about 73 min on 2 cores without AMX):
 
     siglip_path  a SiglipModel (64x64 input, patch 4 -> a 16x16 grid, as 384/14 -> 27x27 at full scale), sigmoid loss
     llm_path     a LlamaForCausalLM + a byte-level BPE tokenizer with a ChatML chat template, pretrained on the toy
-                 world's sentences and text-only conversations, so it arrives reading its context as a real LLM does
+                 world's sentences and text-only conversations (scenes in words and as grids of 64 slot words), so
+                 it arrives reading its context as a real LLM does
     vae_path     a diffusers AutoencoderKL (downsampling x4 -> 16x16x4 latents)
 
     rm -r toy/base && python -m toy.toyworld && python -m toy.pretrain_tiny  # each part is skipped (but measured)
@@ -48,7 +49,7 @@ llm_width = 128  # 4 x 128 reads its context sooner per CPU-second than 4 x 192 
 llm_layers = 4
 llm_heads = 4
 llm_block = 256
-llm_steps = 8000  # twice as many over the same text did not raise text-only scene_qa (docs/devlog.md)
+llm_steps = 10000  # twice as many over the same text did not raise text-only scene_qa; this text is twice as long
 llm_copy_steps = 400  # copying alone first: attention to the context forms in ~300 steps alone, not in 1,500 mixed
 llm_batch = 16
 llm_lr = 1e-3
@@ -106,6 +107,7 @@ def train_tokenizer(texts, size):
     trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    tok.add_tokens(scenes.SLOT_WORDS)  # a grid's slot is one token, as a picture's slot is one visual token
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
@@ -166,7 +168,7 @@ def text_accuracy(model, tokenizer, conversations, limit=None):
         if limit and total.get(c["task"], 0) >= limit:
             continue
         prompt = build_sample(tokenizer, c["conversations"][:1], 0, add_generation_prompt=True)["input_ids"]
-        out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=32,
+        out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=80,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         reply = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
         right[c["task"]] = right.get(c["task"], 0) + (reply == c["conversations"][1]["value"])

@@ -2,7 +2,8 @@
 The toy world's scenes: a scene is a list of objects {shape, colour, size, x, y}; grid scenes put each object at the
 centre of one cell of a 3x3 grid. Here: drawing a scene (render), reading one back from pixels and scoring it against
 the scene it should show (read_scene, compare_scenes, scene_accuracy: GenEval-style), the train/val split of scenes,
-a scene in words (describe), and pictures beyond the toy world (wide_picture, for the stand-ins' training).
+a scene in words (describe) and as a grid of words (grid), and pictures beyond the toy world (wide_picture, for the
+stand-ins' training).
 toy/tasks.py makes conversations of scenes; toy/toyworld.py writes the world.
 """
 import zlib
@@ -159,6 +160,23 @@ def listing(parts):
 
 def describe(scene):
     return listing([phrase(o) for o in scene])
+
+
+# ---- a scene as a grid of words: the stand-in LLM's picture in text (toy/text.py) ------------------------------------
+SLOT = SIZE // 8  # pixels per side of a slot: the 8x8 grid of the 64 visual tokens (encode.py)
+EMPTY_SLOT = "[ ]"
+SLOT_WORDS = [EMPTY_SLOT] + [f"[{s} {c} {h}]" for s in HALF for c in COLOURS for h in SHAPES]  # one token each
+
+
+def grid(scene):
+    """The scene as 64 slot words in reading order, one per slot: the object covering the most of the slot if it
+    covers a quarter or more of it (every object covers at least one), else EMPTY_SLOT."""
+    if not scene:
+        return EMPTY_SLOT * 64
+    cover = np.stack([(np.asarray(render([o])) != BACKGROUND).any(-1).reshape(8, SLOT, 8, SLOT).sum((1, 3)).ravel()
+                      for o in scene])
+    return "".join(f"[{scene[i]['size']} {scene[i]['colour']} {scene[i]['shape']}]" if n >= SLOT * SLOT // 4
+                   else EMPTY_SLOT for i, n in zip(cover.argmax(0), cover.max(0)))
 
 
 def article(word):

@@ -1,13 +1,14 @@
 """
 Text-only conversations, the stand-in LLM's prior (toy/pretrain_tiny.py): scenes and videos in words with the
 questions image_qa and video_qa ask, keyed copying, descriptions said back, the facts as questions, riddles said
-plainly. Sec. 2: the method starts from a pretrained instruction-tuned LLM that already reads its context.
+plainly, and scenes as grids of words (scenes.grid) read, described and drawn, as a real LLM has met pictures drawn in
+text. Sec. 2: the method starts from a pretrained instruction-tuned LLM that already reads its context.
 """
 import json
 
-from toy.scenes import (COLOUR_OF, CORNERS, NUMBERS, SHAPE_OF, SHAPES, article, describe, is_val_scene,
-                        position_name, scene_keys, split_scene)
-from toy.tasks import riddle, scene_questions, task_video_qa
+from toy.scenes import (COLOUR_OF, CORNERS, HELDOUT_COMBOS, NUMBERS, SHAPE_OF, SHAPES, article, describe, grid,
+                        is_val_scene, position_name, scene_keys, split_scene)
+from toy.tasks import CAPTION_PROMPTS, caption, riddle, scene_questions, task_video_qa
 
 SCENE_INTROS = ["Scene: {}.", "Picture this: {}.", "In a picture there is {}.", "Imagine {}."]
 KEYS = [f"{box} {n}" for box in ("box", "card", "slot") for n in NUMBERS[1:]]
@@ -72,17 +73,48 @@ def text_facts(rng, split):
     return turns
 
 
+def riddle_of_split(rng, split, avoid=()):
+    while True:
+        request, scene = riddle(rng, avoid)
+        if is_val_scene(describe(scene)) == (split == "val"):
+            return request, scene
+
+
 def text_riddle(rng, split):
     """A riddle's request said plainly: the facts composed into a scene description (Sec. 4.3's reasoning, in words)."""
-    while True:
-        request, scene = riddle(rng)
-        if is_val_scene(describe(scene)) == (split == "val"):
-            break
+    request, scene = riddle_of_split(rng, split)
     return [f"Say it plainly: {request}.", describe(scene)]
 
 
+def text_grid_qa(rng, split):
+    """image_qa's questions about a scene given as a grid of words: what is where, read from a place among 64, as
+    image_qa reads it from the 64 visual tokens."""
+    scene = split_scene(rng, split)
+    turns, _ = scene_questions(rng, scene)
+    turns[0] = f"Grid: {grid(scene)}\n{turns[0]}"
+    return turns
+
+
+def text_grid_caption(rng, split):
+    """A scene given as a grid of words, described (stage 1's captions, from the grid)."""
+    scene = split_scene(rng, split)
+    return [f"Grid: {grid(scene)}\n{rng.choice(CAPTION_PROMPTS)}", caption(rng, scene)]
+
+
+def text_grid_draw(rng, split):
+    """A scene drawn as a grid of words from its description, or from a riddle (one in five), so the facts reach the
+    grid: generation's request, answered in text. Held-out compositions are never drawn (Sec. 3.1's test)."""
+    if rng.random() < 0.2:
+        request, scene = riddle_of_split(rng, split, HELDOUT_COMBOS)
+    else:
+        scene = split_scene(rng, split, avoid=HELDOUT_COMBOS)
+        request = describe(scene)
+    return [f"Draw {request} as a grid.", grid(scene)]
+
+
 TEXT_TASKS = {"scene_qa": text_scene_qa, "video_qa": text_video_qa, "keyed_copy": text_keyed_copy,
-              "repeat": text_repeat, "facts": text_facts, "riddle": text_riddle}
+              "repeat": text_repeat, "facts": text_facts, "riddle": text_riddle, "grid_qa": text_grid_qa,
+              "grid_caption": text_grid_caption, "grid_draw": text_grid_draw}
 
 
 def write_text(path, split, counts, rng):

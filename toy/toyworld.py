@@ -28,12 +28,14 @@ toy_val = {"caption": 200, "image_qa": 400, "video_qa": 200, "generation": 200, 
            "video_prediction": 200, "visual_thinking": 200}
 toy_heldout_val = 200  # samples in each held-out file: generation_heldout.jsonl, generation_riddle.jsonl
 toy_corpus_captions = 8000  # caption sentences in corpus.txt
-toy_fact_repeats = 50  # copies of each fact and sum in corpus.txt, so the stand-in LLM knows them by heart
+toy_fact_repeats = 100  # copies of each fact and sum in corpus.txt, so the stand-in LLM knows them by heart
 # Text-only conversations for the stand-in LLM's pretraining (text/train.jsonl): the prior a real LLM brings to VPiT,
-# reading an answer out of its context (Sec. 2: the method starts from a pretrained instruction-tuned LLM); three
-# larger mixes tried, one run each, 78-89% against 86.5% (docs/devlog.md)
-toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "repeat": 15000, "facts": 3000, "riddle": 4000}
-toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100}  # text/val.jsonl: scored by toy/pretrain_tiny.py
+# reading an answer out of its context (Sec. 2: the method starts from a pretrained instruction-tuned LLM), and
+# scenes as grids of words, read and drawn (toy/text.py; docs/devlog.md)
+toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "repeat": 15000, "facts": 6000, "riddle": 4000,
+            "grid_qa": 30000, "grid_caption": 5000, "grid_draw": 15000}
+toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100, "grid_qa": 100, "grid_draw": 100}  # scored by
+# toy/pretrain_tiny.py
 # ---------------------------------------------------------------------------------------------------------------------
 
 
