@@ -168,6 +168,10 @@ EMPTY_SLOT = "[ ]"
 SLOT_WORDS = [EMPTY_SLOT] + [f"[{s} {c} {h}]" for s in HALF for c in COLOURS for h in SHAPES]  # one token each
 
 
+def slot_word(obj):
+    return f"[{obj['size']} {obj['colour']} {obj['shape']}]"
+
+
 def grid(scene):
     """The scene as 64 slot words in reading order, one per slot: the object covering the most of the slot if it
     covers a quarter or more of it (every object covers at least one), else EMPTY_SLOT."""
@@ -175,8 +179,8 @@ def grid(scene):
         return EMPTY_SLOT * 64
     cover = np.stack([(np.asarray(render([o])) != BACKGROUND).any(-1).reshape(8, SLOT, 8, SLOT).sum((1, 3)).ravel()
                       for o in scene])
-    return "".join(f"[{scene[i]['size']} {scene[i]['colour']} {scene[i]['shape']}]" if n >= SLOT * SLOT // 4
-                   else EMPTY_SLOT for i, n in zip(cover.argmax(0), cover.max(0)))
+    return "".join(slot_word(scene[i]) if n >= SLOT * SLOT // 4 else EMPTY_SLOT
+                   for i, n in zip(cover.argmax(0), cover.max(0)))
 
 
 def article(word):

@@ -74,6 +74,7 @@ def text_facts(rng, split):
 
 
 def riddle_of_split(rng, split, avoid=()):
+    """A riddle (toy.tasks.riddle) whose scene belongs to split, none of avoid's compositions in it."""
     while True:
         request, scene = riddle(rng, avoid)
         if is_val_scene(describe(scene)) == (split == "val"):

@@ -34,8 +34,8 @@ toy_fact_repeats = 100  # copies of each fact and sum in corpus.txt, so the stan
 # scenes as grids of words, read and drawn (toy/text.py; docs/devlog.md)
 toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "repeat": 15000, "facts": 6000, "riddle": 4000,
             "grid_qa": 30000, "grid_caption": 5000, "grid_draw": 15000}
-toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100, "grid_qa": 100, "grid_draw": 100}  # scored by
-# toy/pretrain_tiny.py
+# text/val.jsonl, scored by toy/pretrain_tiny.py
+toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100, "grid_qa": 100, "grid_draw": 100}
 # ---------------------------------------------------------------------------------------------------------------------
 
 
