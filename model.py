@@ -146,10 +146,17 @@ class MetaMorph(nn.Module):
         return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids, slots, visual_tokens, labels, vision_mask, attention_mask=None,
-                vision_loss_weight=1.0, vision_loss="cosine"):
+                vision_loss_weight=1.0, vision_loss="cosine", drawn_dropout=0.0, generator=None):
         """(total, text loss, vision loss). Sec. 2: total = CE + weight x (1 - cos); targets shifted by one.
-        vision_loss="l1": mean absolute error instead of 1 - cos (the regression Tab. 3 compares against)."""
-        hidden = self.hidden_states(input_ids, slots, visual_tokens, attention_mask)[:, :-1]
+        vision_loss="l1": mean absolute error instead of 1 - cos (the regression Tab. 3 compares against).
+        drawn_dropout: in training, each token the model draws is read back as a blank (zeros) at its own slot with this
+        probability (drawn with generator); its target is unchanged (not in the paper: the toy's departure)."""
+        read = visual_tokens
+        if drawn_dropout and self.training:
+            drawn = slots[:, 1:][vision_mask[:, 1:]]  # the visual tokens that are targets
+            read = visual_tokens.clone()
+            read[drawn[torch.rand(len(drawn), generator=generator, device=drawn.device) < drawn_dropout]] = 0
+        hidden = self.hidden_states(input_ids, slots, read, attention_mask)[:, :-1]
         text_labels, vision_at = labels[:, 1:], vision_mask[:, 1:]
         is_text = text_labels != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[is_text]).float()

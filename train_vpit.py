@@ -46,6 +46,7 @@ vpit_warmup_ratio = 0.03  # released scripts
 micro_batch_size = 16  # per process; gradient accumulation makes up the global batch
 max_seq_len = 1024
 vision_loss_weight = 1.0  # Sec. 2: total = CE + 1.0 x cosine term
+drawn_token_dropout = 0.0  # not in the paper: a drawn token read back as a blank in training (configs/tiny.py)
 vision_loss = "cosine"  # Tab. 3: "cosine" (the paper's choice) or "l1" regression
 grad_clip = 1.0
 dtype = "auto"  # "auto": bf16 autocast where the hardware has it (a CUDA GPU with bf16), else fp32; or "bfloat16"
@@ -155,6 +156,8 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
         losses = torch.zeros(2, device=dev)  # text, vision: summed on the device, read once a step
         targets = 0
         lr = scheduler.get_last_lr()[0]  # this step's (the scheduler moves on with it)
+        # the drawn-token dropout's draws: from (seed, rank, step) alone, so a resumed run repeats them
+        blanks = torch.Generator(dev).manual_seed(hp["seed"] * 1_000_003 + step * 64 + rank)
         for k in range(accum):
             batch = next(loader)
             batch.pop("kept")
@@ -166,7 +169,8 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
             sync = engine.no_sync() if ddp and k < accum - 1 else contextlib.nullcontext()  # all-reduce once a step
             with sync, amp:
                 loss, text_loss, vision_loss = engine(**batch, vision_loss_weight=hp["vision_loss_weight"],
-                                                         vision_loss=hp["vision_loss"])
+                                                         vision_loss=hp["vision_loss"],
+                                                         drawn_dropout=hp["drawn_token_dropout"], generator=blanks)
             if hp["deepspeed_config"]:
                 engine.backward(loss)
                 engine.step()
@@ -240,9 +244,10 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in (name, "tokens", f"ckpt/{name}"))
     hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
               epochs=epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
-              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, deepspeed_config=deepspeed_config,
-              log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
-              ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in, data_workers=data_workers)
+              vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, drawn_token_dropout=drawn_token_dropout,
+              deepspeed_config=deepspeed_config, log_interval=log_interval, eval_interval=eval_interval,
+              stop_after=stop_after, seed=seed, ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in,
+              data_workers=data_workers)
     with built_in_shards(hp, world, dev):
         if os.path.exists(os.path.join(ckpt, "trainer.pt")):
             model = MetaMorph.from_pretrained(ckpt, load_dtype(hp, dev))

@@ -97,6 +97,28 @@ def test_loss_equals_a_hand_computation(model):
     assert torch.allclose(vision_l1, torch.stack(l1).mean(), atol=1e-5)
 
 
+def test_drawn_dropout_blanks_only_drawn_inputs_and_only_in_training(model):
+    batch = batch_of(model, ["generation", "image_edit"])  # the edit's input picture is read, its output drawn
+    drawn = batch["slots"][:, 1:][batch["vision_mask"][:, 1:]]
+    blanked = dict(batch, visual_tokens=batch["visual_tokens"].clone())
+    blanked["visual_tokens"][drawn] = 0
+    was_training = model.training
+    model.eval()
+    plain = model(**batch)[2]
+    assert torch.equal(model(**batch, drawn_dropout=1.0)[2], plain)  # no dropout outside training
+    model.train()
+    try:
+        all_dropped = model(**batch, drawn_dropout=1.0)[2]
+        # every drawn token read as a blank, the targets still the true tokens; the edit's input picture untouched
+        hidden = model.hidden_states(blanked["input_ids"], blanked["slots"], blanked["visual_tokens"])[:, :-1]
+        predicted = model.vision_head(hidden[batch["vision_mask"][:, 1:]])
+        expected = (1 - F.cosine_similarity(predicted, batch["visual_tokens"][drawn], dim=-1)).mean()
+        assert torch.allclose(all_dropped, expected, atol=1e-5) and not torch.allclose(all_dropped, plain, atol=1e-3)
+        assert torch.allclose(model(**batch, drawn_dropout=0.0)[2], plain, atol=1e-6)
+    finally:
+        model.train(was_training)
+
+
 def test_no_visual_targets_gives_zero_vision_loss_not_nan(model):
     batch = batch_of(model, ["image_qa", "caption"])
     assert not batch["vision_mask"].any()

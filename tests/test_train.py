@@ -79,7 +79,8 @@ def test_lead_in_trains_first_and_stage2_starts_from_it(micro, tmp_path):
 
 def test_interrupt_and_resume_reproduces_the_loss_curve(micro, tmp_path):
     whole, broken = fresh_out(micro, tmp_path, "whole"), fresh_out(micro, tmp_path, "broken")
-    common = [*STAGE2, "--vpit_init=", "--ckpt_interval=2"]
+    # drawn-token dropout on (configs/tiny.py's): its random draws resume where they stopped
+    common = [*STAGE2, "--vpit_init=", "--ckpt_interval=2", "--drawn_token_dropout=0.5"]
     run("train_vpit.py", *stage_args(micro, whole), *common)
     run("train_vpit.py", *stage_args(micro, broken), *common, "--stop_after=2")
     assert not os.path.exists(os.path.join(broken, "vpit")) and len(curve(broken)) == 2

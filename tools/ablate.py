@@ -6,11 +6,11 @@ each run with eval.py, and write a markdown table and a bar chart per study.
     python -m tools.ablate --studies="['tab5']"     # one study
 
 Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains, without the toy config's
-generation lead-in; tab4_steps and tab6_steps instead train each mix for the same number of steps, enough for the
-toy to draw) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and decoder (the decoder
-never sees the LLM, so one serves every run); a run already evaluated is not run again. Each run is made once per
-seed in ablate_seeds (the order of the data); a table shows the mean and, after "±", half the spread (max - min)
-of the seeds. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
+generation lead-in and drawn-token dropout; tab4_steps and tab6_steps instead train each mix for the same number of
+steps, enough for the toy to draw) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and
+decoder (the decoder never sees the LLM, so one serves every run); a run already evaluated is not run again. Each run
+is made once per seed in ablate_seeds (the order of the data); a table shows the mean and, after "±", half the spread
+(max - min) of the seeds. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
 """
 import json
 import os
@@ -80,7 +80,7 @@ def run(name, mixture, extra, seed):
     if not os.path.exists(os.path.join(run_dir, "vpit", "metamorph.json")):
         print(f"\n=== {name}: stage 2 on {mixture}", flush=True)
         stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", "--vpit_lead_in={}",
-              f"--seed={seed}", *extra)
+              "--drawn_token_dropout=0.0", f"--seed={seed}", *extra)
     if train_only:
         return None
     stage("eval.py", f"--out_dir={run_dir}", f"--eval_understanding={ablate_eval_understanding}",
