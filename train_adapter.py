@@ -74,7 +74,7 @@ def main():
         return print(f"{stage_dir} already holds the finished stage 1: delete it to train again")
     hp = dict(lr=adapter_lr, weight_decay=adapter_weight_decay, batch_size=adapter_batch_size,
               micro_batch_size=micro_batch_size, epochs=adapter_epochs, warmup_ratio=adapter_warmup_ratio,
-              grad_clip=grad_clip, dtype=dtype, vision_loss_weight=1.0, vision_loss="cosine",
+              grad_clip=grad_clip, dtype=dtype, vision_loss_weight=1.0, vision_loss="cosine", drawn_token_dropout=0.0,
               deepspeed_config=adapter_deepspeed_config,
               log_interval=log_interval, eval_interval=eval_interval, stop_after=stop_after, seed=seed,
               ckpt_interval=ckpt_interval, out_dir=out_dir, decay=True, data_workers=data_workers)
