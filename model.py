@@ -151,18 +151,18 @@ class MetaMorph(nn.Module):
         vision_loss="l1": mean absolute error instead of 1 - cos (the regression Tab. 3 compares against).
         drawn_dropout: in training, each token the model draws is read back as a blank (zeros) at its own slot with this
         probability (drawn with generator); its target is unchanged (not in the paper: the toy's departure)."""
+        text_labels, vision_at = labels[:, 1:], vision_mask[:, 1:]
+        drawn = slots[:, 1:][vision_at]  # the visual tokens that are targets
         read = visual_tokens
         if drawn_dropout and self.training:
-            drawn = slots[:, 1:][vision_mask[:, 1:]]  # the visual tokens that are targets
             read = visual_tokens.clone()
             read[drawn[torch.rand(len(drawn), generator=generator, device=drawn.device) < drawn_dropout]] = 0
         hidden = self.hidden_states(input_ids, slots, read, attention_mask)[:, :-1]
-        text_labels, vision_at = labels[:, 1:], vision_mask[:, 1:]
         is_text = text_labels != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[is_text]).float()
         text_loss = F.cross_entropy(logits, text_labels[is_text]) if is_text.any() else logits.sum() * 0
         predicted = self.vision_head(hidden[vision_at]).float()
-        targets = visual_tokens[slots[:, 1:][vision_at]].float()
+        targets = visual_tokens[drawn].float()
         # a batch without visual targets: 0 (sum over nothing), never the NaN of an empty mean
         per_token = (predicted - targets).abs().mean(-1) if vision_loss == "l1" else \
             1 - F.cosine_similarity(predicted, targets, dim=-1)

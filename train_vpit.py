@@ -157,7 +157,8 @@ def train(model, params, train_set, val_sets, save_model, name, hp, rank=0, worl
         targets = 0
         lr = scheduler.get_last_lr()[0]  # this step's (the scheduler moves on with it)
         # the drawn-token dropout's draws: from (seed, rank, step) alone, so a resumed run repeats them
-        blanks = torch.Generator(dev).manual_seed(hp["seed"] * 1_000_003 + step * 64 + rank)
+        blanks = torch.Generator(dev).manual_seed(hp["seed"] * 1_000_003 + step * 64 + rank) \
+            if hp["drawn_token_dropout"] else None
         for k in range(accum):
             batch = next(loader)
             batch.pop("kept")
