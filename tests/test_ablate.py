@@ -47,3 +47,19 @@ def test_each_seed_is_its_own_run(monkeypatch, tmp_path):
     trains = [c for c in calls if "train_vpit.py" in c]
     assert [next(a for a in c if a.startswith("--seed=")) for c in trains] == ["--seed=1", "--seed=2"]
     assert len({next(a for a in c if a.startswith("--out_dir=")) for c in trains}) == 2
+
+
+def test_dropout_studies_are_the_equal_steps_runs_with_the_toys_dropout(monkeypatch, tmp_path):
+    """tab4_dropout / tab6_dropout: the same mixes and steps as tab4_steps / tab6_steps, in their own run folders, and
+    the study's drawn-token dropout reaches train_vpit.py over ablate's own --drawn_token_dropout=0.0."""
+    for study in ("tab4", "tab6"):
+        plain, dropped = ablate.STUDIES[f"{study}_steps"][1], ablate.STUDIES[f"{study}_dropout"][1]
+        assert [(n + "-dropout", m) for n, m, _ in plain] == [(n, m) for n, m, _ in dropped]
+    calls = []
+    monkeypatch.setattr(ablate.subprocess, "run", lambda command, check: calls.append(command))
+    monkeypatch.setattr(ablate, "out_dir", str(tmp_path))
+    monkeypatch.setattr(ablate, "train_only", True)
+    name, mixture, extra = ablate.STUDIES["tab4_dropout"][1][0]
+    ablate.run(name, mixture, extra, 1)
+    knobs = configure(dict(vars(train_vpit)), calls[0][3:])
+    assert knobs["drawn_token_dropout"] == ablate.ablate_dropout > 0 and knobs["vpit_lead_in"] == mixture
