@@ -38,6 +38,7 @@ vpit_val = 64  # val samples per task for the periodic val loss
 vpit_init = "adapter"  # stage-1 checkpoint under out_dir whose adapter and delimiter rows start stage 2 ("": fresh)
 vpit_lead_in = {}  # a mixture trained alone, for vpit_lead_in_epochs, before vpit_data ({}: none, the paper's recipe)
 vpit_lead_in_epochs = 1  # tools/ablate.py's equal-steps runs use the lead-in to give every mix the same number of steps
+vpit_lead_in_lr = 0.0  # the lead-in's constant learning rate (0.0: vpit_lr)
 vpit_lr = 3e-4  # the toy's (Tab. 2's 6.93e-5 is in configs/8b.py; why: docs/devlog.md)
 vpit_weight_decay = 0.0  # Tab. 2
 vpit_batch_size = 16  # global batch, in conversations (Tab. 2's 1536 is in configs/8b.py; docs/devlog.md)
@@ -239,12 +240,13 @@ def exact_match(model, samples, cache, dev, lockstep=False, limit=200, batch_siz
 
 def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     """Train on mixture for epochs into out_dir/<name> (a MetaMorph folder), from start or, if empty, the LLM and
-    stage 1's heads; resumes from out_dir/ckpt/<name>. The lead-in keeps its learning rate after the warm-up (the toy
-    learns to draw only under a sustained one) and skips stage 2's closing report (val losses, image_qa exact match).
-    Returns whether it finished (not: stopped by stop_after)."""
+    stage 1's heads; resumes from out_dir/ckpt/<name>. The lead-in keeps its learning rate (vpit_lead_in_lr) after the
+    warm-up (the toy learns to draw only under a sustained one) and skips stage 2's closing report (val losses,
+    image_qa exact match). Returns whether it finished (not: stopped by stop_after)."""
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in (name, "tokens", f"ckpt/{name}"))
-    hp = dict(lr=vpit_lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
-              epochs=epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
+    hp = dict(lr=vpit_lead_in_lr if lead_in and vpit_lead_in_lr else vpit_lr, weight_decay=vpit_weight_decay,
+              batch_size=vpit_batch_size, micro_batch_size=micro_batch_size, epochs=epochs,
+              warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
               vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, drawn_token_dropout=drawn_token_dropout,
               deepspeed_config=deepspeed_config, log_interval=log_interval, eval_interval=eval_interval,
               stop_after=stop_after, seed=seed, ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in,

@@ -49,17 +49,20 @@ def test_each_seed_is_its_own_run(monkeypatch, tmp_path):
     assert len({next(a for a in c if a.startswith("--out_dir=")) for c in trains}) == 2
 
 
-def test_dropout_studies_are_the_equal_steps_runs_with_the_toys_dropout(monkeypatch, tmp_path):
-    """tab4_dropout / tab6_dropout: the same mixes and steps as tab4_steps / tab6_steps, in their own run folders, and
-    the study's drawn-token dropout reaches train_vpit.py over ablate's own --drawn_token_dropout=0.0."""
+def test_departures_studies_are_the_equal_steps_runs_with_the_toys_departures(monkeypatch, tmp_path):
+    """tab4_departures / tab6_departures: the same mixes and steps as tab4_steps / tab6_steps, in their own run folders,
+    and the study's dropout and lead-in lr reach train_vpit.py over ablate's own paper-recipe values (0.0)."""
     for study in ("tab4", "tab6"):
-        plain, dropped = ablate.STUDIES[f"{study}_steps"][1], ablate.STUDIES[f"{study}_dropout"][1]
-        assert [(n + "-dropout", m) for n, m, _ in plain] == [(n, m) for n, m, _ in dropped]
+        plain, departed = ablate.STUDIES[f"{study}_steps"][1], ablate.STUDIES[f"{study}_departures"][1]
+        assert [(n + "-departures", m) for n, m, _ in plain] == [(n, m) for n, m, _ in departed]
     calls = []
     monkeypatch.setattr(ablate.subprocess, "run", lambda command, check: calls.append(command))
     monkeypatch.setattr(ablate, "out_dir", str(tmp_path))
     monkeypatch.setattr(ablate, "train_only", True)
-    name, mixture, extra = ablate.STUDIES["tab4_dropout"][1][0]
+    name, mixture, extra = ablate.STUDIES["tab4_departures"][1][0]
     ablate.run(name, mixture, extra, 1)
-    knobs = configure(dict(vars(train_vpit)), calls[0][3:])
-    assert knobs["drawn_token_dropout"] == ablate.ablate_dropout > 0 and knobs["vpit_lead_in"] == mixture
+    ablate.run("gen500", {"generation": 500}, [], 1)
+    departed, paper = (configure(dict(vars(train_vpit)), c[3:]) for c in calls)
+    assert departed["drawn_token_dropout"] == ablate.ablate_dropout > 0 and departed["vpit_lead_in"] == mixture
+    assert departed["vpit_lead_in_lr"] == ablate.ablate_lead_in_lr > 0
+    assert paper["drawn_token_dropout"] == 0 and paper["vpit_lead_in_lr"] == 0 and paper["vpit_lead_in"] == {}

@@ -56,14 +56,15 @@ def test_stage1_then_stage2(micro, tmp_path):
 
 
 def test_lead_in_trains_first_and_stage2_starts_from_it(micro, tmp_path):
-    """configs/tiny.py's lead-in: vpit_lead_in trained alone into out_dir/vpit_lead_in, which stage 2 then starts
-    from; a finished lead-in is not trained again."""
+    """configs/tiny.py's lead-in: vpit_lead_in trained alone, at its own constant lr, into out_dir/vpit_lead_in, which
+    stage 2 then starts from at vpit_lr; a finished lead-in is not trained again."""
     out = fresh_out(micro, tmp_path, "lead")
     args = [*stage_args(micro, out), *STAGE2[:-1], "--vpit_init=", "--vpit_lead_in={'generation': 8}",
-            "--vpit_lead_in_epochs=2"]
+            "--vpit_lead_in_epochs=2", "--vpit_lead_in_lr=0.001"]
     run("train_vpit.py", *args)
-    assert len(curve(out, "vpit_lead_in")) == 2  # 8 conversations at batch 8, two epochs
+    assert [r["lr"] for r in curve(out, "vpit_lead_in")] == pytest.approx([0.001, 0.001])  # 8 conversations, 2 epochs
     assert len(curve(out)) == 4  # stage 2: 32 conversations at batch 8
+    assert max(r["lr"] for r in curve(out)) == pytest.approx(0.003)  # vpit_lr, decaying
     lead_in = os.path.join(out, "vpit_lead_in")
     marked = MetaMorph.from_pretrained(lead_in)
     with torch.no_grad():

@@ -7,8 +7,9 @@ each run with eval.py, and write a markdown table and a bar chart per study.
 
 Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains, without the toy config's
 generation lead-in and drawn-token dropout; tab4_steps and tab6_steps instead train each mix for the same number of
-steps, enough for the toy to draw; tab4_dropout and tab6_dropout are those two with the toy's drawn-token dropout, the
-departure without which no toy run draws an object) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and
+steps, enough for the toy to draw; tab4_departures and tab6_departures are those two with configs/tiny.py's two
+departures: drawn-token dropout, without which no toy run draws an object, and the lead-in's learning rate for the
+constant phase) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and
 decoder (the decoder never sees the LLM, so one serves every run); a run already evaluated is not run again. Each run
 is made once per seed in ablate_seeds (the order of the data); a table shows the mean and, after "±", half the spread
 (max - min) of the seeds. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
@@ -24,10 +25,11 @@ from PIL import Image, ImageDraw
 # ---------------------------------------------------------------------------------------------------------------------
 out_dir = "out/tiny"  # the finished main run: its tokens/, adapter/ and decoder/ are shared
 ablate_dir = "ablations"  # tables and charts (committed); the runs themselves go to out_dir/ablate/<run>
-studies = ["tab4_steps", "tab6_steps", "tab3", "tab4_dropout", "tab6_dropout"]  # also "tab4", "tab5", "tab6": one
-# epoch per mix, as the paper
+studies = ["tab4_steps", "tab6_steps", "tab3", "tab4_departures", "tab6_departures"]  # also "tab4", "tab5", "tab6":
+# one epoch per mix, as the paper
 ablate_seeds = [1337, 1338]  # every run once per seed: a finding is a gap larger than the seeds' spread
-ablate_dropout = 0.5  # tab4_dropout, tab6_dropout: drawn_token_dropout, as configs/tiny.py (docs/devlog.md)
+ablate_dropout = 0.5  # *_departures studies: drawn_token_dropout, as configs/tiny.py (docs/devlog.md)
+ablate_lead_in_lr = 1e-3  # *_departures studies: the constant phase's learning rate, as configs/tiny.py's lead-in
 ablate_equal_steps = 2000  # tab4_steps, tab6_steps: optimizer steps per run (the toy's drawing needs ~1,500 to read the words)
 train_only = False  # True: train every run's stage 2 and stop (e.g. while the decoder, which eval needs, still trains)
 ablate_eval_understanding = {"image_qa": 100}
@@ -45,9 +47,11 @@ def equal_steps(name, mixture, batch_size=16):
                                                           f"--vpit_batch_size={batch_size}"]  # the batch counted on
 
 
-def with_dropout(runs):
-    """The same runs with the toy's drawn-token dropout (a drawn token read back as a blank in training)."""
-    return [(f"{name}-dropout", mixture, extra + [f"--drawn_token_dropout={ablate_dropout}"])
+def with_departures(runs):
+    """The same runs with the toy's two departures: drawn-token dropout (a drawn token read back as a blank in
+    training) and the lead-in's learning rate for the constant phase."""
+    return [(f"{name}-departures", mixture, extra + [f"--drawn_token_dropout={ablate_dropout}",
+                                                     f"--vpit_lead_in_lr={ablate_lead_in_lr}"])
             for name, mixture, extra in runs]
 
 
@@ -66,10 +70,10 @@ STUDIES = {  # study -> (title, [(run name, stage-2 mixture, extra train_vpit.py
     "tab6": ("Tab. 6 / Findings 2-3: understanding-data size x generation-data size", TAB6),
     "tab6_steps": ("Tab. 6 / Findings 2-3 at equal steps: understanding x generation data, every run ~2,000 steps",
                    [equal_steps(name, mixture) for name, mixture, _ in TAB6]),
-    "tab4_dropout": ("Tab. 4 / Finding 1 at equal steps, with drawn-token dropout (the toy's departure): ~2,000 steps",
-                     with_dropout([equal_steps(name, mixture) for name, mixture, _ in TAB4])),
-    "tab6_dropout": ("Tab. 6 / Findings 2-3 at equal steps, with drawn-token dropout (the toy's departure): ~2,000 "
-                     "steps", with_dropout([equal_steps(name, mixture) for name, mixture, _ in TAB6])),
+    "tab4_departures": ("Tab. 4 / Finding 1 at equal steps, with the toy's departures (drawn-token dropout, the "
+                        "lead-in's lr): ~2,000 steps", with_departures([equal_steps(n, m) for n, m, _ in TAB4])),
+    "tab6_departures": ("Tab. 6 / Findings 2-3 at equal steps, with the toy's departures (drawn-token dropout, the "
+                        "lead-in's lr): ~2,000 steps", with_departures([equal_steps(n, m) for n, m, _ in TAB6])),
     "tab3": ("Tab. 3: cosine vs L1 vision loss (generation 2000 + image_qa 4000)",
              [("gen2000+qa4000", {G: 2000, U: 4000}, []),
               ("gen2000+qa4000-l1", {G: 2000, U: 4000}, ["--vision_loss=l1"])]),
@@ -93,7 +97,7 @@ def run(name, mixture, extra, seed):
     if not os.path.exists(os.path.join(run_dir, "vpit", "metamorph.json")):
         print(f"\n=== {name}: stage 2 on {mixture}", flush=True)
         stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", "--vpit_lead_in={}",
-              "--drawn_token_dropout=0.0", f"--seed={seed}", *extra)  # (a later --key overrides an earlier one)
+              "--drawn_token_dropout=0.0", "--vpit_lead_in_lr=0.0", f"--seed={seed}", *extra)  # (a later --key wins)
     if train_only:
         return None
     stage("eval.py", f"--out_dir={run_dir}", f"--eval_understanding={ablate_eval_understanding}",
