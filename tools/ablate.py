@@ -7,12 +7,12 @@ each run with eval.py, and write a markdown table and a bar chart per study.
 
 Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains, without the toy config's
 generation lead-in and drawn-token dropout; tab4_steps and tab6_steps instead train each mix for the same number of
-steps, enough for the toy to draw; tab4_departures and tab6_departures are those two with configs/tiny.py's two
-departures: drawn-token dropout, without which no toy run draws an object, and the lead-in's learning rate for the
-constant phase) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and
-decoder (the decoder never sees the LLM, so one serves every run); a run already evaluated is not run again. Each run
-is made once per seed in ablate_seeds (the order of the data); a table shows the mean and, after "±", half the spread
-(max - min) of the seeds. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
+steps, enough for the toy to draw; tab4_departures and tab6_departures are those two with configs/tiny.py's
+drawn-token dropout, without which no toy run draws an object, and its lead-in's learning rate for the constant
+phase) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and decoder (the decoder never
+sees the LLM, so one serves every run); a run already evaluated is not run again. Each run is made once per seed in
+ablate_seeds (the order of the data); a table shows the mean and, after "±", half the spread (max - min) of the
+seeds. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
 """
 import json
 import os
@@ -48,8 +48,8 @@ def equal_steps(name, mixture, batch_size=16):
 
 
 def with_departures(runs):
-    """The same runs with the toy's two departures: drawn-token dropout (a drawn token read back as a blank in
-    training) and the lead-in's learning rate for the constant phase."""
+    """The same runs with configs/tiny.py's drawn-token dropout (a drawn token read back as a blank in training) and
+    its lead-in's learning rate for the constant phase."""
     return [(f"{name}-departures", mixture, extra + [f"--drawn_token_dropout={ablate_dropout}",
                                                      f"--vpit_lead_in_lr={ablate_lead_in_lr}"])
             for name, mixture, extra in runs]
