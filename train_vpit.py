@@ -244,9 +244,9 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     warm-up (the toy learns to draw only under a sustained one) and skips stage 2's closing report (val losses,
     image_qa exact match). Returns whether it finished (not: stopped by stop_after)."""
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in (name, "tokens", f"ckpt/{name}"))
-    hp = dict(lr=vpit_lead_in_lr if lead_in and vpit_lead_in_lr else vpit_lr, weight_decay=vpit_weight_decay,
-              batch_size=vpit_batch_size, micro_batch_size=micro_batch_size, epochs=epochs,
-              warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
+    lr = vpit_lead_in_lr if lead_in and vpit_lead_in_lr else vpit_lr
+    hp = dict(lr=lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
+              epochs=epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
               vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, drawn_token_dropout=drawn_token_dropout,
               deepspeed_config=deepspeed_config, log_interval=log_interval, eval_interval=eval_interval,
               stop_after=stop_after, seed=seed, ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in,
