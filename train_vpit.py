@@ -39,6 +39,7 @@ vpit_init = "adapter"  # stage-1 checkpoint under out_dir whose adapter and deli
 vpit_lead_in = {}  # a mixture trained alone, for vpit_lead_in_epochs, before vpit_data ({}: none, the paper's recipe)
 vpit_lead_in_epochs = 1  # tools/ablate.py's equal-steps runs use the lead-in to give every mix the same number of steps
 vpit_lead_in_lr = 0.0  # the lead-in's constant learning rate (0.0: vpit_lr)
+vpit_lead_in_frozen = []  # parts the lead-in leaves as they start, e.g. ["adapter"]: stage 1's reading of pictures
 vpit_lr = 3e-4  # the toy's (Tab. 2's 6.93e-5 is in configs/8b.py; why: docs/devlog.md)
 vpit_weight_decay = 0.0  # Tab. 2
 vpit_batch_size = 16  # global batch, in conversations (Tab. 2's 1536 is in configs/8b.py; docs/devlog.md)
@@ -62,6 +63,7 @@ seed = 1337
 device = "auto"
 dry_run = False
 # ---------------------------------------------------------------------------------------------------------------------
+FREEZABLE = {"adapter", "llm", "vision_head"}  # MetaMorph's trained parts, which vpit_lead_in_frozen may name
 
 
 def cosine_schedule(step, total, warmup_ratio, decay=True):
@@ -267,6 +269,9 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
         model.llm.gradient_checkpointing_enable()
     train_set, val_sets = stage_data(data_dir, mixture, vpit_val, model.tokenizer, tokens_dir, max_seq_len,
                                      num_visual_tokens, index_dir=os.path.join(out_dir, "data_index"))
+    if lead_in:
+        for part in vpit_lead_in_frozen:
+            getattr(model, part).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]  # everything but the vision tower (not in here)
     if rank == 0:
         print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {len(train_set)} "
@@ -303,6 +308,9 @@ def main():
 
         return estimate.report(llm_path, None, num_visual_tokens, {k: v for k, v in globals().items()
                                                                    if not k.startswith("_")})
+    if set(vpit_lead_in_frozen) - FREEZABLE:
+        raise SystemExit(f"error: vpit_lead_in_frozen names no part of the model: {vpit_lead_in_frozen} "
+                         f"(parts: {', '.join(sorted(FREEZABLE))})")
     stage_dir = os.path.join(out_dir, "vpit")
     if os.path.exists(os.path.join(stage_dir, "metamorph.json")):
         return print(f"{stage_dir} already holds the finished stage 2: delete it to train again")

@@ -51,7 +51,8 @@ def test_each_seed_is_its_own_run(monkeypatch, tmp_path):
 
 def test_departures_studies_are_the_equal_steps_runs_with_the_toys_departures(monkeypatch, tmp_path):
     """tab4_departures / tab6_departures: the same mixes and steps as tab4_steps / tab6_steps, in their own run folders,
-    and the study's dropout and lead-in lr reach train_vpit.py over ablate's own paper-recipe values (0.0)."""
+    and the study's dropout and lead-in lr reach train_vpit.py over ablate's own paper-recipe values (0.0); no run
+    freezes the adapter in its lead-in, whatever the config says."""
     for study in ("tab4", "tab6"):
         plain, departed = ablate.STUDIES[f"{study}_steps"][1], ablate.STUDIES[f"{study}_departures"][1]
         assert [(n + "-departures", m) for n, m, _ in plain] == [(n, m) for n, m, _ in departed]
@@ -62,7 +63,8 @@ def test_departures_studies_are_the_equal_steps_runs_with_the_toys_departures(mo
     name, mixture, extra = ablate.STUDIES["tab4_departures"][1][0]
     ablate.run(name, mixture, extra, 1)
     ablate.run("gen500", {"generation": 500}, [], 1)
-    departed, paper = (configure(dict(vars(train_vpit)), c[3:]) for c in calls)
+    departed, paper = (configure(dict(vars(train_vpit)), c[2:]) for c in calls)  # over configs/tiny.py's values
     assert departed["drawn_token_dropout"] == ablate.ablate_dropout > 0 and departed["vpit_lead_in"] == mixture
     assert departed["vpit_lead_in_lr"] == ablate.ablate_lead_in_lr > 0
     assert paper["drawn_token_dropout"] == 0 and paper["vpit_lead_in_lr"] == 0 and paper["vpit_lead_in"] == {}
+    assert departed["vpit_lead_in_frozen"] == paper["vpit_lead_in_frozen"] == []  # the tables' recipe: all trained

@@ -56,16 +56,26 @@ def test_stage1_then_stage2(micro, tmp_path):
 
 
 def test_lead_in_trains_first_and_stage2_starts_from_it(micro, tmp_path):
-    """configs/tiny.py's lead-in: vpit_lead_in trained alone, at its own constant lr, into out_dir/vpit_lead_in, which
-    stage 2 then starts from at vpit_lr; a finished lead-in is not trained again."""
+    """configs/tiny.py's lead-in: vpit_lead_in trained alone, at its own constant lr and with stage 1's adapter frozen,
+    into out_dir/vpit_lead_in, which stage 2 then starts from at vpit_lr, training everything; a finished lead-in is
+    not trained again."""
     out = fresh_out(micro, tmp_path, "lead")
-    args = [*stage_args(micro, out), *STAGE2[:-1], "--vpit_init=", "--vpit_lead_in={'generation': 8}",
-            "--vpit_lead_in_epochs=2", "--vpit_lead_in_lr=0.001"]
+    stage1 = os.path.join(out, "adapter")  # stands in for stage 1's output: stage 2 takes its adapter
+    dim = TokenCache(os.path.join(out, "tokens")).dim
+    MetaMorph.from_llm(os.path.join(micro["base"], "llm"), dim).save_pretrained(stage1)
+    args = [*stage_args(micro, out), *STAGE2[:-1], "--vpit_init=adapter", "--vpit_lead_in={'generation': 8}",
+            "--vpit_lead_in_epochs=2", "--vpit_lead_in_lr=0.001", "--vpit_lead_in_frozen=adapter"]
+    bad = run("train_vpit.py", *args, "--vpit_lead_in_frozen=adaptor", check=False)
+    assert bad.returncode != 0 and "names no part of the model" in bad.stderr and "Traceback" not in bad.stderr
     run("train_vpit.py", *args)
     assert [r["lr"] for r in curve(out, "vpit_lead_in")] == pytest.approx([0.001, 0.001])  # 8 conversations, 2 epochs
     assert len(curve(out)) == 4  # stage 2: 32 conversations at batch 8
     assert max(r["lr"] for r in curve(out)) == pytest.approx(0.003)  # vpit_lr, decaying
     lead_in = os.path.join(out, "vpit_lead_in")
+    before, led, after = (MetaMorph.from_pretrained(os.path.join(out, d)) for d in ("adapter", "vpit_lead_in", "vpit"))
+    assert all(torch.equal(a, b) for a, b in zip(before.adapter.parameters(), led.adapter.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before.llm.parameters(), led.llm.parameters()))  # the LLM trained
+    assert not torch.equal(led.adapter[0].weight, after.adapter[0].weight)  # stage 2 trains the adapter again
     marked = MetaMorph.from_pretrained(lead_in)
     with torch.no_grad():
         marked.vision_head[2].bias.fill_(7.0)
