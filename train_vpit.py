@@ -243,8 +243,8 @@ def exact_match(model, samples, cache, dev, lockstep=False, limit=200, batch_siz
 def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     """Train on mixture for epochs into out_dir/<name> (a MetaMorph folder), from start or, if empty, the LLM and
     stage 1's heads; resumes from out_dir/ckpt/<name>. The lead-in keeps its learning rate (vpit_lead_in_lr) after the
-    warm-up (the toy learns to draw only under a sustained one) and skips stage 2's closing report (val losses,
-    image_qa exact match). Returns whether it finished (not: stopped by stop_after)."""
+    warm-up (the toy learns to draw only under a sustained one), leaves the parts vpit_lead_in_frozen names as they
+    start, and skips stage 2's closing report (val losses, image_qa exact match). Returns whether it finished (not: stopped by stop_after)."""
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in (name, "tokens", f"ckpt/{name}"))
     lr = vpit_lead_in_lr if lead_in and vpit_lead_in_lr else vpit_lr
     hp = dict(lr=lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
