@@ -28,7 +28,7 @@ vpit_lead_in = {"generation": -1}
 vpit_lead_in_epochs = 4
 decoder_data = {"caption": -1, "generation": -1, "image_qa": -1}  # the decoder learns from every training image
 decoder_val = {"generation": 64}
-decoder_decay_steps = 950  # train_decoder.py's 550 was measured on toy pictures alone (docs/devlog.md)
+decoder_decay_steps = 950  # train_decoder.py's 350 was measured on toy pictures alone (docs/devlog.md)
 
 # ---- eval.py: which val files it scores (tasks missing from data_dir are left out with a note) ----------------------
 eval_understanding = {"image_qa": 100}
