@@ -244,7 +244,8 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     """Train on mixture for epochs into out_dir/<name> (a MetaMorph folder), from start or, if empty, the LLM and
     stage 1's heads; resumes from out_dir/ckpt/<name>. The lead-in keeps its learning rate (vpit_lead_in_lr) after the
     warm-up (the toy learns to draw only under a sustained one), leaves the parts vpit_lead_in_frozen names as they
-    start, and skips stage 2's closing report (val losses, image_qa exact match). Returns whether it finished (not: stopped by stop_after)."""
+    start, and skips stage 2's closing report (val losses, image_qa exact match). Returns whether it finished (not:
+    stopped by stop_after)."""
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in (name, "tokens", f"ckpt/{name}"))
     lr = vpit_lead_in_lr if lead_in and vpit_lead_in_lr else vpit_lr
     hp = dict(lr=lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
@@ -308,8 +309,9 @@ def main():
 
         return estimate.report(llm_path, None, num_visual_tokens, {k: v for k, v in globals().items()
                                                                    if not k.startswith("_")})
-    if set(vpit_lead_in_frozen) - FREEZABLE:
-        raise SystemExit(f"error: vpit_lead_in_frozen names no part of the model: {vpit_lead_in_frozen} "
+    unknown = sorted(set(vpit_lead_in_frozen) - FREEZABLE)
+    if unknown:
+        raise SystemExit(f"error: vpit_lead_in_frozen names no part of the model: {', '.join(unknown)} "
                          f"(parts: {', '.join(sorted(FREEZABLE))})")
     stage_dir = os.path.join(out_dir, "vpit")
     if os.path.exists(os.path.join(stage_dir, "metamorph.json")):
