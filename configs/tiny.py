@@ -5,13 +5,17 @@ siglip_path = "toy/base/siglip"
 llm_path = "toy/base/llm"
 vae_path = "toy/base/vae"
 out_dir = "out/tiny"
-# Stage 2's two departures from the paper, for a 4 x 128 stand-in that learns to draw only from many concentrated
-# examples (docs/devlog.md, 2026-12-06 (fifth) to (seventh)): generation alone first, at a constant lr above the mix's
+# Stage 2's mix (Sec. 2.2) and a third departure: text-only conversations from the stand-in's corpus (train/text.jsonl,
+# toy/toyworld.py), without which stage 2 forgets the facts that riddles are drawn from (docs/devlog.md, (eighth))
+vpit_data = {"image_qa": -1, "video_qa": -1, "generation": -1, "image_edit": -1, "video_prediction": -1,
+             "visual_thinking": -1, "text": -1}
+# Its other two departures from the paper, for a 4 x 128 stand-in that learns to draw only from many concentrated
+# examples (docs/devlog.md, 2026-12-06 (fifth) to (eighth)): generation alone first, at a constant lr above the mix's
 # and with stage 1's adapter left as it is, then the paper's one-epoch mix; and each drawn token read back as a blank
 # half the time in training, so the picture has to come from the words (each of the toy SigLIP's tokens carries the
 # whole picture, so teacher forcing lets a model copy the tokens before it)
 vpit_lead_in = {"generation": -1}
-vpit_lead_in_epochs = 4
+vpit_lead_in_epochs = 8
 vpit_lead_in_lr = 1e-3
 vpit_lead_in_frozen = ["adapter"]
 drawn_token_dropout = 0.5

@@ -21,11 +21,13 @@ SMALL_VAL = "--toy_val={'caption': 4, 'image_qa': 14, 'video_qa': 4, 'generation
 TEXT = ("--toy_text={'scene_qa': 60, 'video_qa': 10, 'keyed_copy': 10, 'repeat': 10, 'facts': 10, 'riddle': 20, "
         "'grid_qa': 30, 'grid_caption': 10, 'grid_draw': 30}")
 TEXT_VAL = "--toy_text_val={'scene_qa': 20, 'video_qa': 6, 'keyed_copy': 4, 'grid_qa': 4, 'grid_draw': 4}"
+VPIT_TEXT = {"scene_qa": 5, "facts": 3}
 
 
 def make_world(path, seed=5):
     subprocess.run([sys.executable, "-m", "toy.toyworld", f"--data_dir={path}", f"--seed={seed}", SMALL, SMALL_VAL,
-                    "--toy_heldout_val=12", "--toy_corpus_captions=50", TEXT, TEXT_VAL], cwd=ROOT, check=True, capture_output=True)
+                    "--toy_heldout_val=12", "--toy_corpus_captions=50", TEXT, TEXT_VAL,
+                    f"--toy_vpit_text={VPIT_TEXT}"], cwd=ROOT, check=True, capture_output=True)
     return path
 
 
@@ -191,6 +193,17 @@ def test_text_conversations_answer_from_the_words(world):
             assert turns[1] in turns[0].split("\n")[0]
     val = text_rows(world, "val")
     assert {c["task"] for c in val} == {"scene_qa", "video_qa", "keyed_copy", "grid_qa", "grid_draw"}
+
+
+def test_stage2_text_task_is_the_first_text_conversations_of_its_kinds(world):
+    """train/ and val/text.jsonl, stage 2's text-only task: the first conversations of each kind toy_vpit_text names,
+    from the same split's text file (val holds no facts, so none), as they are but for their task."""
+    for split in ("train", "val"):
+        source = text_rows(world, split)
+        of_kind = lambda kind: [c for c in source if c["task"] == kind]
+        want = [dict(c, task="text") for kind, n in VPIT_TEXT.items() for c in of_kind(kind)[:n]]
+        assert samples(world, split, "text") == want
+        assert len(want) == (8 if split == "train" else 5)
 
 
 def test_riddles_need_corpus_facts_absent_from_image_data(world):

@@ -36,6 +36,10 @@ toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "repeat": 1
             "grid_qa": 30000, "grid_caption": 5000, "grid_draw": 15000}
 # text/val.jsonl, scored by toy/pretrain_tiny.py
 toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100, "grid_qa": 100, "grid_draw": 100}
+# Stage 2's text-only task (train/ and val/text.jsonl): the first conversations of these kinds in text/<split>.jsonl,
+# questions about scenes in words and the world-knowledge facts, so stage 2 keeps the LLM's prior and the facts still
+# reach the picture (Sec. 4.2-4.3: riddles; without them stage 2 forgets the facts, docs/devlog.md, (eighth))
+toy_vpit_text = {"scene_qa": 1500, "facts": 1000}
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -56,6 +60,18 @@ def write_task(root, split, name, make, count, rng, avoid):
             conversations = [{"from": ("human", "gpt")[k % 2], "value": t} for k, t in enumerate(turns)]
             sample = {"id": sid, "task": task, "images": paths, "meta": meta, "conversations": conversations}
             f.write(json.dumps(sample) + "\n")
+
+
+def write_vpit_text(root, split, counts):
+    """<split>/text.jsonl, stage 2's text-only task: the first counts[kind] conversations of each kind in
+    text/<split>.jsonl (as many as it has), their task named `text`."""
+    kept = dict.fromkeys(counts, 0)
+    with open(os.path.join(root, split, "text.jsonl"), "w") as f:
+        for line in open(os.path.join(root, "text", f"{split}.jsonl")):
+            sample = json.loads(line)
+            if kept.get(sample["task"], 0) < counts.get(sample["task"], 0):
+                kept[sample["task"]] += 1
+                f.write(json.dumps({**sample, "task": "text"}) + "\n")
 
 
 def write_corpus(path, rng, n_captions, repeats):
@@ -83,6 +99,7 @@ def main():
     for split, counts in (("train", toy_text), ("val", toy_text_val)):
         rng = random.Random(f"{seed}-text-{split}")
         write_text(os.path.join(data_dir, "text", f"{split}.jsonl"), split, counts, rng)
+        write_vpit_text(data_dir, split, toy_vpit_text)
     write_corpus(os.path.join(data_dir, "corpus.txt"), random.Random(f"{seed}-corpus"), toy_corpus_captions,
                  toy_fact_repeats)
     scenes = [json.loads(line)["meta"]["scenes"][0] for line in open(os.path.join(data_dir, "val", "generation.jsonl"))]
