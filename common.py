@@ -49,15 +49,17 @@ def finish_distributed(deepspeed_config):
         os._exit(0)
 
 
-def wants_bf16(dtype, device, amx_cpu=False):
-    """Whether a stage's `dtype` knob means bf16 autocast: "bfloat16" always; "auto" on a CUDA GPU with bf16 and, when
-    amx_cpu, on a CPU with AMX bf16 units (there matmuls run ~7x faster in bf16: toy/pretrain_tiny.py's SigLIP and VAE
-    steps take 21% and 40% less time, encode.py's SigLIP forward 40%; the LLM's and the decoder UNet's steps do not
-    gain, so those stages leave amx_cpu off)."""
+def wants_bf16(dtype, device, cpu=None):
+    """Whether a stage's `dtype` knob means bf16 autocast: "bfloat16" always; "auto" on a CUDA GPU with bf16 and, on
+    a CPU, where the stage was measured to gain: cpu="amx" on a CPU with AMX bf16 units (toy/pretrain_tiny.py's SigLIP
+    and VAE steps take 21% and 40% less time there), cpu="native" on one with AMX or AVX512-BF16 (encode.py's SigLIP
+    forward: 40% less time with AMX, 41% on an AMD EPYC with AVX512-BF16, BENCHMARKS.md). The LLM's and the decoder
+    UNet's steps gain on neither, so those stages leave cpu=None."""
     if dtype == "auto" and device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if dtype == "auto" and device.type == "cpu":
-        return amx_cpu and torch.cpu._is_amx_tile_supported()
+    if dtype == "auto" and device.type == "cpu" and cpu is not None:
+        amx = torch.cpu._is_amx_tile_supported()
+        return amx or (cpu == "native" and torch.cpu._is_avx512_bf16_supported())
     return dtype == "bfloat16"
 
 

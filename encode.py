@@ -46,7 +46,7 @@ encode_batch_size = 64
 encode_shard_size = 4096  # images per safetensors shard
 skip_bad_images = False  # True: a missing/corrupt image is skipped and counted instead of an error
 device = "auto"  # auto: cuda if available else cpu
-dtype = "auto"  # "auto": bf16 autocast on a bf16 GPU or an AMX CPU, else fp32 (BENCHMARKS.md); or "bfloat16"/"float32"
+dtype = "auto"  # "auto": bf16 autocast on a bf16 GPU or a CPU with AMX or AVX512-BF16, else fp32 (BENCHMARKS.md)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -272,7 +272,7 @@ def main():
     if mine:
         model, processor = load_vision_tower(siglip_path)
         model.to(dev)
-        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=wants_bf16(dtype, dev, amx_cpu=True))
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=wants_bf16(dtype, dev, cpu="native"))
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             def encode_batch(batch):
                 images, good = [], []

@@ -219,7 +219,7 @@ def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsy
 
 
 def test_bf16_encoding_agrees_with_fp32(tiny_tower, tmp_path, monkeypatch, capsys):
-    """dtype="bfloat16" (what "auto" picks on an AMX CPU or a bf16 GPU) runs the tower under autocast: the cached
+    """dtype="bfloat16" (what "auto" picks on a bf16 GPU or a CPU with AMX or AVX512-BF16) runs the tower under autocast: the cached
     tokens are float32 unit vectors pointing where the fp32 tower's do."""
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     names = [f"images/{i}.png" for i in range(3)]
@@ -232,6 +232,19 @@ def test_bf16_encoding_agrees_with_fp32(tiny_tower, tmp_path, monkeypatch, capsy
         assert tokens.dtype == torch.float32 and torch.allclose(tokens.norm(dim=-1), torch.ones(64), atol=1e-2)
         cosine = torch.nn.functional.cosine_similarity(tokens, exact, dim=-1)
         assert cosine.min() > 0.99 and not torch.equal(tokens, exact.half().float())  # bf16 ran, and ran close
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, (False, False)), (False, True, (False, True)),
+                                                        (True, False, (True, True))])
+def test_auto_dtype_picks_bf16_on_the_cpus_each_stage_gains_on(monkeypatch, amx, avx512_bf16, expected):
+    """"auto" on a CPU: the stand-ins' training (cpu="amx") only with AMX; encode.py (cpu="native") with AMX or
+    AVX512-BF16; the LLM and the decoder (cpu=None) never. An explicit dtype wins everywhere."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert (common.wants_bf16("auto", cpu, cpu="amx"), common.wants_bf16("auto", cpu, cpu="native")) == expected
+    assert not common.wants_bf16("auto", cpu)
+    assert common.wants_bf16("bfloat16", cpu) and not common.wants_bf16("float32", cpu, cpu="native")
 
 
 def test_bad_images_raise_or_are_skipped(tiny_tower, tmp_path, monkeypatch, capsys):
@@ -319,3 +332,17 @@ def test_index_lookups_duplicates_and_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(encode, "path_hash", lambda path: len(path))
     with pytest.raises(ValueError, match=r"images/1\.png and images/2\.png \(a hash collision\)"):
         encode.write_index(folder, ["x"], ["images/1.png", "images/22.png", "images/2.png"], [0, 0, 0], [0, 1, 2], 3)
+
+
+def test_encode_benchmark_times_both_dtypes_on_the_same_images(tiny_tower, tmp_path, monkeypatch):
+    """tools/benchmark.py --what=encode: fp32 and bf16 forwards of the same pictures, their tokens close."""
+    from tools import benchmark
+
+    data = str(tmp_path / "data")
+    make_world(data, [f"images/{i}.png" for i in range(5)])
+    for key, value in dict(siglip_path=tiny_tower, data_dir=data, bench_images=4, bench_repeats=1).items():
+        monkeypatch.setattr(benchmark, key, value)
+    result = benchmark.bench_encode()
+    assert result["images"] == 4 and result["fp32_images_per_s"] > 0 and result["bf16_images_per_s"] > 0
+    assert 0.999 < result["lowest_cosine"] <= 1.0 + 1e-6
+    assert result["speedup"] == pytest.approx(result["bf16_images_per_s"] / result["fp32_images_per_s"])

@@ -5,6 +5,7 @@ targets of DESIGN.md's "Scale contracts".
     python -m tools.benchmark --what=batching     # train_vpit's length-grouped batches vs plainly padded random batches
     python -m tools.benchmark --what=generation   # 64 visual tokens: model.generate's KV cache vs recomputing every step
     python -m tools.benchmark --what=scale --conversations=1000000   # the streaming data path at Cambrian size
+    python -m tools.benchmark --what=encode       # encode.py's vision-tower forward: bf16 autocast vs fp32
 
 batching: the same conversations, model, micro-batch size and number of optimizer steps; throughput counts real
 (non-padding) tokens per second, so padding shows up as lost speed.
@@ -18,6 +19,9 @@ change), read as training reads it (data.py, SmolLM2's tokenizer: `python -m too
 twice (line index built, then cached): startup to the first batch, resident bytes per conversation, conversations/s
 of 2 loader workers, padding of length-grouped vs random batches; then the opening of a token-cache index of
 index_entries images. The last line holds every number as key=value.
+encode: encode.py's visual_tokens on the same bench_images val pictures (processed once), batch encode_batch_size, under
+bf16 autocast and in fp32, best of bench_repeats each; the lowest cosine of a bf16 token to its fp32 twin is asserted
+above 0.999. What `dtype="auto"` picks on this machine is printed beside it.
 """
 import json
 import os
@@ -33,7 +37,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 import encode
-from common import open_token_cache
+from common import open_token_cache, wants_bf16
 from configurator import ROOT
 from data import Conversations, batch_loader, length_grouped_batches, load_mixture, random_batches, stage_data
 from model import IMAGE, IMAGE_END, IMAGE_START, MetaMorph, build_sample
@@ -43,6 +47,7 @@ what = "batching"
 data_dir = "data/toy"
 out_dir = "out/tiny"
 llm_path = "toy/base/llm"
+siglip_path = "toy/base/siglip"  # encode
 num_visual_tokens = 64
 vpit_data = {"image_qa": 512, "video_qa": 128, "generation": 256, "image_edit": 128, "video_prediction": 128,
              "visual_thinking": 128}
@@ -55,6 +60,7 @@ bench_batch = 32  # generation: pictures drawn side by side in the second measur
 seed = 1337
 conversations = 1_000_000  # scale: the synthetic set's size
 smol_path = "out/smol/base/llm"  # scale: the tokenizer and chat template (prepare_smol.py)
+bench_images = 1024  # encode: val pictures timed
 scale_images = 2048  # scale: distinct fake images in the token cache, which every image path maps onto
 scale_batches = 100  # scale: micro-batches drawn for the loader's speed and the padding
 index_entries = 10_000_000  # scale: images in the token-cache index whose opening is timed
@@ -175,6 +181,34 @@ def bench_generation():
                                     "speedup": recompute_s / cached_s}
         print(f"  {rows:3d} picture(s) at once: KV cache {cached_s:.3f}s, recompute {recompute_s:.3f}s -> "
               f"{recompute_s / cached_s:.1f}x")
+    return results
+
+
+def bench_encode():
+    model, processor = encode.load_vision_tower(siglip_path)
+    paths = encode.image_paths(data_dir)[-bench_images:]
+    batch = encode.encode_batch_size
+    pixels = [processor(images=[encode.load_image(os.path.join(data_dir, p)) for p in paths[i:i + batch]],
+                        return_tensors="pt")["pixel_values"] for i in range(0, len(paths), batch)]
+
+    @torch.inference_mode()
+    def forward(bf16):
+        start = time.time()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            tokens = torch.cat([encode.visual_tokens(model, x, num_visual_tokens).float() for x in pixels])
+        return time.time() - start, tokens
+
+    forward(False)  # warm-up
+    fp32_s, fp32 = min((forward(False) for _ in range(bench_repeats)), key=lambda r: r[0])
+    bf16_s, bf16 = min((forward(True) for _ in range(bench_repeats)), key=lambda r: r[0])
+    cosine = F.cosine_similarity(fp32, bf16, dim=-1).min().item()
+    assert cosine > 0.999, f"bf16 tokens drift from fp32 ones (lowest cosine {cosine:.5f})"
+    auto = wants_bf16("auto", torch.device("cpu"), cpu="native")
+    results = {"images": len(paths), "fp32_images_per_s": len(paths) / fp32_s, "bf16_images_per_s": len(paths) / bf16_s,
+               "speedup": fp32_s / bf16_s, "lowest_cosine": cosine, "auto_picks_bf16": auto}
+    print(f"{len(paths)} images, best of {bench_repeats}: fp32 {results['fp32_images_per_s']:.0f} images/s, bf16 "
+          f"{results['bf16_images_per_s']:.0f} -> {results['speedup']:.2f}x; lowest token cosine {cosine:.5f}; "
+          f"dtype=\"auto\" picks {'bf16' if auto else 'fp32'} here")
     return results
 
 
@@ -357,7 +391,8 @@ if __name__ == "__main__":
 
     configure(globals())
     torch.manual_seed(seed)
-    result = {"batching": bench_batching, "generation": bench_generation, "scale": bench_scale}[what]()
+    result = {"batching": bench_batching, "generation": bench_generation, "scale": bench_scale,
+              "encode": bench_encode}[what]()
     os.makedirs(os.path.join(out_dir, "bench"), exist_ok=True)
     name = what + (f"-{os.path.basename(bench_llm_path.rstrip('/'))}" if what == "generation" and bench_llm_path else "")
     json.dump(result, open(os.path.join(out_dir, "bench", f"{name}.json"), "w"), indent=1)

@@ -295,7 +295,7 @@ def pretrain_siglip():
             return embed(model, tokenizer, processor, *caption_pairs(rng, siglip_batch)).loss
 
         train(list(model.parameters()), loss_fn, siglip_steps, siglip_lr, "SigLIP stand-in",
-              bf16=wants_bf16(dtype, torch.device("cpu"), amx_cpu=True))
+              bf16=wants_bf16(dtype, torch.device("cpu"), cpu="amx"))
         tokenizer.model_max_length = siglip_text_len
         save_atomically(lambda p: (model.save_pretrained(p), tokenizer.save_pretrained(p),
                                    processor.save_pretrained(p)), siglip_path)
@@ -364,7 +364,7 @@ def pretrain_vae():
             return F.mse_loss(vae.decode(posterior.sample()).sample, x) + vae_kl_weight * posterior.kl().mean()
 
         train(list(vae.parameters()), loss_fn, vae_steps, vae_lr, "VAE stand-in",
-              bf16=wants_bf16(dtype, torch.device("cpu"), amx_cpu=True))
+              bf16=wants_bf16(dtype, torch.device("cpu"), cpu="amx"))
         with torch.no_grad():  # latents scaled to unit variance, as SD's 0.18215 does for its VAE
             std = vae.encode(pixels[:512]).latent_dist.mean.std().item()
         vae.register_to_config(scaling_factor=1.0 / std)
