@@ -10,6 +10,7 @@ a person would type them, so their progress bars and messages show; `launcher` p
 and the training stages on a GPU machine.
 At the end it prints the eval report and makes a few sample PNGs with sample.py.
 """
+import json
 import os
 import shlex
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from configurator import script_args
+from configurator import configure, script_args
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -41,7 +42,7 @@ def stages():
     """(script, artefact that says it is done or None: always run, runs under the launcher, what --force clears
     besides the artefact's folder). Every artefact is written last, when its stage has finished."""
     base, out = os.path.dirname(llm_path), lambda *parts: os.path.join(out_dir, *parts)
-    toy = [("toy/toyworld.py", os.path.join(data_dir, "corpus.txt"), False, []),
+    toy = [("toy/toyworld.py", os.path.join(data_dir, "world.json"), False, []),
            ("toy/pretrain_tiny.py", os.path.join(base, "pretrain_report.json"), False, [])] if toy_world else []
     # encode.py always runs: it encodes only what no shard holds yet (a killed run leaves its shards), in seconds when
     # nothing is missing; under the launcher its ranks split the images
@@ -51,6 +52,22 @@ def stages():
                    [out("vpit_lead_in"), out("ckpt", "vpit_lead_in"), out("ckpt", "vpit")]),
                   ("train_decoder.py", out("decoder", "decoder.json"), True, [out("latents"), out("ckpt", "decoder")]),
                   ("eval.py", out("eval", "report.md"), False, [])]
+
+
+def world_recipe():
+    """The toy world's knobs as `python -m toy.toyworld <config_file>` reads them (toy.toyworld.RECIPE)."""
+    from toy import toyworld
+    g = dict(vars(toyworld))
+    configure(g, [config_file])
+    return {knob: g[knob] for knob in toyworld.RECIPE}
+
+
+def finished(script, done):
+    """Whether a stage's artefact is there; the toy world's must also record the recipe in force, so a world made
+    before its knobs changed (e.g. an older checkout's, without train/text.jsonl) is made again."""
+    if not (done and os.path.exists(done)):
+        return False
+    return script != "toy/toyworld.py" or json.load(open(done))["recipe"] == world_recipe()
 
 
 def run(script, config, parallel, *args):
@@ -71,9 +88,11 @@ def plan():
     todo, forced = [], False
     for script, done, parallel, clears in stages():
         forced = forced or script == force
-        if done and os.path.exists(done) and not forced:
+        if finished(script, done) and not forced:
             print(f"=== {script}: done ({done} exists), skipped")
             continue
+        if done and os.path.exists(done) and not forced:
+            print(f"=== {script}: {done} records another recipe than the config's: made again")
         if forced and script != "toy/toyworld.py":
             for folder in ([os.path.dirname(done)] if done else []) + clears:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -93,7 +112,5 @@ def main(config):
 
 
 if __name__ == "__main__":
-    from configurator import configure
-
     configure(globals())
     main(config_file)

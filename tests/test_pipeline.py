@@ -69,13 +69,27 @@ def test_done_stages_are_skipped_and_force_reruns_from_a_stage(fake_stages, monk
         pipeline.plan()
 
 
-def test_toy_world_is_done_only_when_its_last_file_is_written(tmp_path, monkeypatch):
-    """toy/toyworld.py writes corpus.txt last, whole (a temporary file renamed): the pipeline's sign that the world is
-    complete, so a world interrupted while writing its task files is made again."""
-    monkeypatch.setattr(pipeline, "data_dir", str(tmp_path / "toy"))
-    done = {script: marker for script, marker, _, _ in pipeline.stages()}["toy/toyworld.py"]
-    assert done == os.path.join(pipeline.data_dir, "corpus.txt")
+def test_toy_world_is_done_only_when_its_last_file_records_the_recipe_in_force(tmp_path, monkeypatch):
+    """toy/toyworld.py writes world.json last, whole, with the knobs it made the world from: the pipeline's sign that
+    the world is complete and current. A world interrupted before it, or made by other knobs (an older checkout's), is
+    made again; the config's toy knobs count, as `python -m toy.toyworld <config>` would read them."""
     from toy import toyworld
-    import random
-    toyworld.write_corpus(str(tmp_path / "corpus.txt"), random.Random(0), 5, 1)
-    assert os.listdir(tmp_path) == ["corpus.txt"] and len(open(tmp_path / "corpus.txt").read().split("\n")) > 5
+    monkeypatch.setattr(pipeline, "data_dir", str(tmp_path / "toy"))
+    monkeypatch.setattr(pipeline, "force", "")
+    monkeypatch.setattr(pipeline, "llm_path", str(tmp_path / "base" / "llm"))
+    os.makedirs(tmp_path / "base")
+    json.dump({}, open(tmp_path / "base" / "pretrain_report.json", "w"))  # the stand-ins are made
+    done = {script: marker for script, marker, _, _ in pipeline.stages()}["toy/toyworld.py"]
+    assert done == os.path.join(pipeline.data_dir, "world.json")
+    world_runs = lambda: "toy/toyworld.py" in [s for s, _ in pipeline.plan()]
+    assert world_runs()  # nothing there
+    os.makedirs(pipeline.data_dir)
+    recipe = {knob: getattr(toyworld, knob) for knob in toyworld.RECIPE}
+    json.dump({"recipe": recipe}, open(done, "w"))
+    assert not world_runs()
+    json.dump({"recipe": {**recipe, "toy_vpit_text": {}}}, open(done, "w"))  # a world made before the text task
+    assert world_runs()
+    config = tmp_path / "bigger.py"
+    config.write_text("toy_vpit_text = {}\n")  # the same knobs, set by the config the pipeline runs
+    monkeypatch.setattr(pipeline, "config_file", str(config))
+    assert not world_runs()

@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from toy import scenes, tasks, text
+from toy import scenes, tasks, text, toyworld
 from toy.scenes import COLOURS, HALF, HELDOUT_COMBOS, POSITIONS, SHAPES, read_scene, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,6 +204,16 @@ def test_stage2_text_task_is_the_first_text_conversations_of_its_kinds(world):
         want = [dict(c, task="text") for kind, n in VPIT_TEXT.items() for c in of_kind(kind)[:n]]
         assert samples(world, split, "text") == want
         assert len(want) == (8 if split == "train" else 5)
+
+
+def test_world_json_records_the_knobs_the_world_was_made_from(world):
+    """pipeline.py compares this record with the knobs in force to decide whether the world must be made again."""
+    record = json.load(open(os.path.join(world, "world.json")))
+    assert set(record["recipe"]) == set(toyworld.RECIPE)
+    assert (record["recipe"]["seed"], record["recipe"]["toy_heldout_val"], record["recipe"]["toy_vpit_text"]) == \
+        (5, 12, VPIT_TEXT)
+    assert 0.9 < record["scene_reader_accuracy"] <= 1.0
+    assert not [f for f in os.listdir(world) if f.endswith(".tmp")]
 
 
 def test_riddles_need_corpus_facts_absent_from_image_data(world):

@@ -3,7 +3,8 @@ The toy world: 64x64 pictures of flat shapes (toy/scenes.py), every data categor
 App. C) as instruction-tuning conversations (toy/tasks.py), text-only conversations for the stand-in LLM
 (toy/text.py) and a text corpus, written to disk.
 
-    python -m toy.toyworld   # -> data/toy/{images/, train/<task>.jsonl, val/<task>.jsonl, text/*.jsonl, corpus.txt}
+    python -m toy.toyworld   # -> data/toy/{images/, train/<task>.jsonl, val/<task>.jsonl, text/*.jsonl, corpus.txt,
+                             #              world.json}
 
 Same seed, byte-identical output. Every scene is a train scene or a val scene (scenes.is_val_scene): no val picture,
 and no val scene in words, is ever seen in training.
@@ -12,8 +13,11 @@ import json
 import os
 import random
 import shutil
+from pathlib import Path
 
 from tqdm import tqdm
+
+from common import write_atomically
 
 from toy.scenes import HELDOUT_COMBOS, compare_scenes, is_val_scene, read_scene, render, scene_keys, split_scene
 from toy.tasks import HELDOUT, TASKS, caption, facts
@@ -41,6 +45,8 @@ toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100, "grid_qa": 
 # reach the picture (Sec. 4.2-4.3: riddles; without them stage 2 forgets the facts, docs/devlog.md, (eighth))
 toy_vpit_text = {"scene_qa": 1500, "facts": 1000}
 # ---------------------------------------------------------------------------------------------------------------------
+RECIPE = ("seed", "toy_train", "toy_val", "toy_heldout_val", "toy_corpus_captions", "toy_fact_repeats", "toy_text",
+          "toy_text_val", "toy_vpit_text")  # the knobs a world is made from: world.json records them
 
 
 def write_task(root, split, name, make, count, rng, avoid):
@@ -80,7 +86,7 @@ def write_corpus(path, rng, n_captions, repeats):
     rng.shuffle(lines)
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)  # written last and whole: pipeline.py takes it to mean the world is complete
+    os.replace(path + ".tmp", path)  # whole or not at all
 
 
 def main():
@@ -104,6 +110,9 @@ def main():
                  toy_fact_repeats)
     scenes = [json.loads(line)["meta"]["scenes"][0] for line in open(os.path.join(data_dir, "val", "generation.jsonl"))]
     accuracy = scene_reader_accuracy(scenes)
+    # written last, whole: pipeline.py takes the world as made when world.json holds the recipe in force
+    write_atomically(os.path.join(data_dir, "world.json"), lambda temp: Path(temp).write_text(json.dumps(
+        {"recipe": {knob: globals()[knob] for knob in RECIPE}, "scene_reader_accuracy": accuracy}, indent=1)))
     print(f"wrote {sum(c for _, _, c in jobs)} conversations to {data_dir}")
     print(f"scene reader accuracy on {len(scenes)} rendered val scenes: {100 * accuracy:.2f}% of objects "
           "(shape, colour, size and position all right)")
