@@ -62,12 +62,10 @@ def world_recipe():
     return {knob: g[knob] for knob in toyworld.RECIPE}
 
 
-def finished(script, done):
-    """Whether a stage's artefact is there; the toy world's must also record the recipe in force, so a world made
-    before its knobs changed (e.g. an older checkout's, without train/text.jsonl) is made again."""
-    if not (done and os.path.exists(done)):
-        return False
-    return script != "toy/toyworld.py" or json.load(open(done))["recipe"] == world_recipe()
+def world_changes(done):
+    """The toy-world knobs in force that data_dir/world.json records other values for, comma-separated ('' if none)."""
+    recorded, wanted = json.load(open(done))["recipe"], world_recipe()
+    return ", ".join(knob for knob in wanted if recorded.get(knob) != wanted[knob])
 
 
 def run(script, config, parallel, *args):
@@ -88,11 +86,14 @@ def plan():
     todo, forced = [], False
     for script, done, parallel, clears in stages():
         forced = forced or script == force
-        if finished(script, done) and not forced:
+        if script == "toy/toyworld.py" and os.path.exists(done) and not forced and world_changes(done):
+            # not made again here: new knobs may redraw pictures that the token cache (keyed by path) still holds
+            raise SystemExit(f"error: {data_dir} was made with other toy-world knobs than {config_file} "
+                             f"({world_changes(done)}): make it again with `python -m toy.toyworld {config_file}`, "
+                             f"removing {os.path.join(out_dir, 'tokens')} first if seed or a picture count changed")
+        if done and os.path.exists(done) and not forced:
             print(f"=== {script}: done ({done} exists), skipped")
             continue
-        if done and os.path.exists(done) and not forced:
-            print(f"=== {script}: {done} records another recipe than the config's: made again")
         if forced and script != "toy/toyworld.py":
             for folder in ([os.path.dirname(done)] if done else []) + clears:
                 shutil.rmtree(folder, ignore_errors=True)

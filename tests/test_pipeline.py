@@ -69,10 +69,11 @@ def test_done_stages_are_skipped_and_force_reruns_from_a_stage(fake_stages, monk
         pipeline.plan()
 
 
-def test_toy_world_is_done_only_when_its_last_file_records_the_recipe_in_force(tmp_path, monkeypatch):
-    """toy/toyworld.py writes world.json last, whole, with the knobs it made the world from: the pipeline's sign that
-    the world is complete and current. A world interrupted before it, or made by other knobs (an older checkout's), is
-    made again; the config's toy knobs count, as `python -m toy.toyworld <config>` would read them."""
+def test_toy_world_is_done_when_its_last_file_records_the_recipe_in_force(tmp_path, monkeypatch):
+    """toy/toyworld.py writes world.json last, whole, with the knobs it made the world from. Without it (interrupted,
+    or an older checkout's world) the world is made again; with other knobs than the config's (as
+    `python -m toy.toyworld <config>` would read them) the pipeline stops with one line, as remaking the world could
+    redraw pictures the token cache still holds."""
     from toy import toyworld
     monkeypatch.setattr(pipeline, "data_dir", str(tmp_path / "toy"))
     monkeypatch.setattr(pipeline, "force", "")
@@ -82,13 +83,15 @@ def test_toy_world_is_done_only_when_its_last_file_records_the_recipe_in_force(t
     done = {script: marker for script, marker, _, _ in pipeline.stages()}["toy/toyworld.py"]
     assert done == os.path.join(pipeline.data_dir, "world.json")
     world_runs = lambda: "toy/toyworld.py" in [s for s, _ in pipeline.plan()]
-    assert world_runs()  # nothing there
     os.makedirs(pipeline.data_dir)
+    open(os.path.join(pipeline.data_dir, "corpus.txt"), "w").close()  # an older checkout's world
+    assert world_runs()
     recipe = {knob: getattr(toyworld, knob) for knob in toyworld.RECIPE}
     json.dump({"recipe": recipe}, open(done, "w"))
     assert not world_runs()
-    json.dump({"recipe": {**recipe, "toy_vpit_text": {}}}, open(done, "w"))  # a world made before the text task
-    assert world_runs()
+    json.dump({"recipe": {**recipe, "toy_vpit_text": {}}}, open(done, "w"))
+    with pytest.raises(SystemExit, match=r"other toy-world knobs .*\(toy_vpit_text\)"):
+        pipeline.plan()
     config = tmp_path / "bigger.py"
     config.write_text("toy_vpit_text = {}\n")  # the same knobs, set by the config the pipeline runs
     monkeypatch.setattr(pipeline, "config_file", str(config))
