@@ -219,8 +219,8 @@ def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsy
 
 
 def test_bf16_encoding_agrees_with_fp32(tiny_tower, tmp_path, monkeypatch, capsys):
-    """dtype="bfloat16" (what "auto" picks on a bf16 GPU or a CPU with AMX or AVX512-BF16) runs the tower under autocast: the cached
-    tokens are float32 unit vectors pointing where the fp32 tower's do."""
+    """dtype="bfloat16" (what "auto" picks on a bf16 GPU or a CPU with AMX or AVX512-BF16) runs the tower under
+    autocast: the cached tokens are float32 unit vectors pointing where the fp32 tower's do."""
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     names = [f"images/{i}.png" for i in range(3)]
     make_world(data, names)
