@@ -86,10 +86,10 @@ def plan():
     todo, forced = [], False
     for script, done, parallel, clears in stages():
         forced = forced or script == force
-        if script == "toy/toyworld.py" and os.path.exists(done) and not forced and world_changes(done):
+        if script == "toy/toyworld.py" and os.path.exists(done) and not forced and (changed := world_changes(done)):
             # not made again here: new knobs may redraw pictures that the token cache (keyed by path) still holds
             raise SystemExit(f"error: {data_dir} was made with other toy-world knobs than {config_file} "
-                             f"({world_changes(done)}): make it again with `python -m toy.toyworld {config_file}`, "
+                             f"({changed}): make it again with `python -m toy.toyworld {config_file}`, "
                              f"removing {os.path.join(out_dir, 'tokens')} first if seed or a picture count changed")
         if done and os.path.exists(done) and not forced:
             print(f"=== {script}: done ({done} exists), skipped")

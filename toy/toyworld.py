@@ -84,9 +84,7 @@ def write_corpus(path, rng, n_captions, repeats):
     lines = [caption(rng, split_scene(rng, "train")) for _ in range(n_captions)]
     lines += [f"{p} {a}." for p, a in facts() for _ in range(repeats)]
     rng.shuffle(lines)
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)  # whole or not at all
+    write_atomically(path, lambda temp: Path(temp).write_text("\n".join(lines) + "\n"))
 
 
 def main():
