@@ -35,7 +35,7 @@ max_seq_len = 4096
 adapter_lr = 4.90e-5
 adapter_weight_decay = 0.0
 adapter_batch_size = 768
-adapter_epochs = 1  # one pass over the captions, as LLaVA-style pretraining (the toy's 16 suit its small set)
+adapter_epochs = 1  # one pass over the captions, as LLaVA-style pretraining (the toy's 8 suit its small set)
 adapter_deepspeed_config = "configs/zero3.json"  # ZeRO-2 keeps all 141 GB of bf16 weights on every GPU
 
 # ---- stage 2: VPiT (App. A.1, Tab. 2: LLaMA-3.1 70B) ---------------------------------------------------------------
