@@ -78,14 +78,17 @@ def run(script, config, parallel, *args):
 
 
 def plan():
-    """The stages to run, in order: those not done, and --force's stage with every stage after it. A forced stage
-    starts clean: its artefact's folder, checkpoints and caches are removed (toy/toyworld.py clears its own folder)."""
+    """The stages to run, in order: those not done, and --force's stage with every stage after it but the stand-ins'.
+    A forced stage starts clean: its artefact's folder, checkpoints and caches are removed (toy/toyworld.py clears
+    its own folder)."""
     names = [s for s, _, _, _ in stages()]
     if force and force not in names:
         raise ValueError(f"--force={force}: not a stage of this pipeline ({', '.join(names)})")
-    todo, forced = [], False
+    todo, after_force = [], False
     for script, done, parallel, clears in stages():
-        forced = forced or script == force
+        after_force = after_force or script == force
+        # the stand-ins are base models, not a product of the world: remade only when missing or named by --force
+        forced = after_force and (script != "toy/pretrain_tiny.py" or force == script)
         if script == "toy/toyworld.py" and os.path.exists(done) and not forced and (changed := world_changes(done)):
             # not made again here: new knobs may redraw pictures that the token cache (keyed by path) still holds
             raise SystemExit(f"error: {data_dir} was made with other toy-world knobs than {config_file} "

@@ -96,3 +96,26 @@ def test_toy_world_is_done_when_its_last_file_records_the_recipe_in_force(tmp_pa
     config.write_text("toy_vpit_text = {}\n")  # the same knobs, set by the config the pipeline runs
     monkeypatch.setattr(pipeline, "config_file", str(config))
     assert not world_runs()
+
+
+def test_forcing_the_world_keeps_the_shipped_stand_ins(tmp_path, monkeypatch):
+    """--force=toy/toyworld.py makes the world and every stage after it again, but not the stand-ins (base models the
+    repo ships): only --force=toy/pretrain_tiny.py, or their absence, remakes them."""
+    monkeypatch.setattr(pipeline, "data_dir", str(tmp_path / "toy"))
+    monkeypatch.setattr(pipeline, "out_dir", str(tmp_path / "out"))
+    monkeypatch.setattr(pipeline, "llm_path", str(tmp_path / "base" / "llm"))
+    from toy import toyworld
+    os.makedirs(tmp_path / "toy")
+    json.dump({"recipe": {knob: getattr(toyworld, knob) for knob in toyworld.RECIPE}},
+              open(tmp_path / "toy" / "world.json", "w"))
+    os.makedirs(tmp_path / "base" / "llm")
+    json.dump({}, open(tmp_path / "base" / "pretrain_report.json", "w"))
+    os.makedirs(tmp_path / "out" / "adapter")
+    open(tmp_path / "out" / "adapter" / "metamorph.json", "w").close()
+    monkeypatch.setattr(pipeline, "force", "toy/toyworld.py")
+    planned = [s for s, _ in pipeline.plan()]
+    assert planned[0] == "toy/toyworld.py" and "toy/pretrain_tiny.py" not in planned and "train_adapter.py" in planned
+    assert os.path.exists(tmp_path / "base" / "llm") and not os.path.exists(tmp_path / "out" / "adapter")
+    monkeypatch.setattr(pipeline, "force", "toy/pretrain_tiny.py")
+    assert [s for s, _ in pipeline.plan()][0] == "toy/pretrain_tiny.py"
+    assert not os.path.exists(tmp_path / "base")
