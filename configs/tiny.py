@@ -6,8 +6,10 @@ llm_path = "toy/base/llm"
 vae_path = "toy/base/vae"
 out_dir = "out/tiny"
 # Stage 2's mix (Sec. 2.2) and a third departure: text-only conversations from the stand-in's corpus (train/text.jsonl,
-# toy/toyworld.py), without which stage 2 forgets the facts that riddles are drawn from (docs/devlog.md, (eighth))
-vpit_data = {"image_qa": -1, "video_qa": -1, "generation": -1, "image_edit": -1, "video_prediction": -1,
+# toy/toyworld.py), without which stage 2 forgets the facts that riddles are drawn from (docs/devlog.md, (eighth));
+# of generation, whose 4,000 pairs the lead-in below has drawn 8 times, the first 2,000 (as good over three seeds, 125
+# steps fewer; none at all forgets the drawing: docs/devlog.md, (eleventh))
+vpit_data = {"image_qa": -1, "video_qa": -1, "generation": 2000, "image_edit": -1, "video_prediction": -1,
              "visual_thinking": -1, "text": -1}
 # Its other two departures from the paper, for a 4 x 128 stand-in that learns to draw only from many concentrated
 # examples (docs/devlog.md, 2026-12-06 (fifth) to (eighth)): generation alone first, at a constant lr above the mix's

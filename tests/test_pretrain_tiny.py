@@ -6,7 +6,7 @@ import os
 import torch
 
 from conftest import MICRO_MODELS, run
-from toy import scenes
+from toy import scenes, tasks
 
 
 def test_stand_ins_train_save_and_load_in_real_formats(micro):
@@ -15,6 +15,10 @@ def test_stand_ins_train_save_and_load_in_real_formats(micro):
 
     base = micro["base"]
     report = json.load(open(f"{base}/pretrain_report.json"))
+    by_type = [key.split("/") for key in report if "/" in key]  # per type of first question
+    assert {task for task, _ in by_type} == {"llm_text_scene_qa", "llm_text_grid_qa"}
+    assert {qtype for _, qtype in by_type} <= set(tasks.QA_TYPES)
+    report = {key: value for key, value in report.items() if "/" not in key}
     assert set(report) == {"llm_val_perplexity", "llm_fact_recall", "llm_text_scene_qa", "llm_text_video_qa",
                            "llm_text_keyed_copy", "llm_text_grid_qa", "llm_text_grid_draw",
                            "siglip_toy_retrieval_top1_of_32", "siglip_wide_retrieval_top1_of_32",
@@ -84,7 +88,7 @@ def test_wide_pictures_leave_the_toy_palette():
 
     import numpy as np
 
-    from toy import scenes
+    from toy import scenes, tasks
     rng = random.Random(0)
     pictures = [scenes.wide_picture(rng) for _ in range(40)]
     pixels = np.concatenate([np.asarray(img).reshape(-1, 3) for img, _ in pictures])

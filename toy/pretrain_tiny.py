@@ -161,7 +161,8 @@ def fact_recall(model, tokenizer):
 @torch.no_grad()
 def text_accuracy(model, tokenizer, conversations, limit=None):
     """Per task of the val conversations: the fraction of first replies the model gives greedily and exactly, from
-    the words alone (scene_qa is the skill image_qa needs, before any image is seen)."""
+    the words alone (scene_qa is the skill image_qa needs, before any image is seen); and, as "<task>/<type>", per
+    type of first question where the conversation records one (meta.qtype: image_qa's types)."""
     model.eval()
     right, total = {}, {}
     for c in conversations:
@@ -171,9 +172,11 @@ def text_accuracy(model, tokenizer, conversations, limit=None):
         out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=80,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         reply = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
-        right[c["task"]] = right.get(c["task"], 0) + (reply == c["conversations"][1]["value"])
-        total[c["task"]] = total.get(c["task"], 0) + 1
-    return {task: right[task] / total[task] for task in total}
+        qtype = c.get("meta", {}).get("qtype")
+        for key in [c["task"]] + ([f"{c['task']}/{qtype}"] if qtype and not limit else []):
+            right[key] = right.get(key, 0) + (reply == c["conversations"][1]["value"])
+            total[key] = total.get(key, 0) + 1
+    return {key: right[key] / total[key] for key in sorted(total)}
 
 
 @torch.no_grad()

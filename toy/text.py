@@ -18,14 +18,15 @@ def text_scene_qa(rng, split):
     """A scene in words, then one to four questions answered from the words (image_qa's questions, and
     visual_thinking's "the small shape in the center")."""
     scene = split_scene(rng, split)
-    turns, _ = scene_questions(rng, scene)
+    turns, qtypes = scene_questions(rng, scene)
     if rng.random() < 0.25:
         o = rng.choice(scene)
         pos = position_name(o["x"], o["y"])
-        turns[:2] = [f"What colour is the {o['size']} shape in the {pos}?", o["colour"]] if rng.random() < 0.5 else \
+        qtypes[0] = "colour" if rng.random() < 0.5 else "shape"
+        turns[:2] = [f"What colour is the {o['size']} shape in the {pos}?", o["colour"]] if qtypes[0] == "colour" else \
             [f"What shape is the {o['colour']} object in the {pos}?", o["shape"]]
     turns[0] = rng.choice(SCENE_INTROS).format(describe(scene)) + "\n" + turns[0]
-    return turns
+    return turns, {"qtype": qtypes[0]}
 
 
 def text_video_qa(rng, split):
@@ -35,7 +36,7 @@ def text_video_qa(rng, split):
         if is_val_scene(scene_keys("video_qa", meta["scenes"])[0]) == (split == "val"):
             break
     frames = "\n".join(f"Frame {t + 1}: {describe(s)}." for t, s in enumerate(meta["scenes"]))
-    return [f"{frames}\nThese are the frames of a video. {turns[0].split('video. ', 1)[1]}", turns[1]]
+    return [f"{frames}\nThese are the frames of a video. {turns[0].split('video. ', 1)[1]}", turns[1]], {}
 
 
 def text_keyed_copy(rng, split):
@@ -44,13 +45,13 @@ def text_keyed_copy(rng, split):
     values = [describe(split_scene(rng, "train", 1)) for _ in keys]
     lines = "\n".join(f"{k}: {v}." for k, v in zip(keys, values))
     i = rng.randrange(len(keys))
-    return [f"Remember these.\n{lines}\nWhat is in {keys[i]}?", values[i]]
+    return [f"Remember these.\n{lines}\nWhat is in {keys[i]}?", values[i]], {}
 
 
 def text_repeat(rng, split):
     """A scene's description said back word for word: copying, the cheapest lesson in attending to the context."""
     text = describe(split_scene(rng, "train"))
-    return [f"Repeat this exactly: {text}.", text]
+    return [f"Repeat this exactly: {text}.", text], {}
 
 
 def text_facts(rng, split):
@@ -70,7 +71,7 @@ def text_facts(rng, split):
         else:
             a, b = rng.randrange(6), rng.randrange(6)
             turns += [f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]]
-    return turns
+    return turns, {}
 
 
 def riddle_of_split(rng, split, avoid=()):
@@ -84,22 +85,22 @@ def riddle_of_split(rng, split, avoid=()):
 def text_riddle(rng, split):
     """A riddle's request said plainly: the facts composed into a scene description (Sec. 4.3's reasoning, in words)."""
     request, scene = riddle_of_split(rng, split)
-    return [f"Say it plainly: {request}.", describe(scene)]
+    return [f"Say it plainly: {request}.", describe(scene)], {}
 
 
 def text_grid_qa(rng, split):
     """image_qa's questions about a scene given as a grid of words: what is where, read from a place among 64, as
     image_qa reads it from the 64 visual tokens."""
     scene = split_scene(rng, split)
-    turns, _ = scene_questions(rng, scene)
+    turns, qtypes = scene_questions(rng, scene)
     turns[0] = f"Grid: {grid(scene)}\n{turns[0]}"
-    return turns
+    return turns, {"qtype": qtypes[0]}
 
 
 def text_grid_caption(rng, split):
     """A scene given as a grid of words, described (stage 1's captions, from the grid)."""
     scene = split_scene(rng, split)
-    return [f"Grid: {grid(scene)}\n{rng.choice(CAPTION_PROMPTS)}", caption(rng, scene)]
+    return [f"Grid: {grid(scene)}\n{rng.choice(CAPTION_PROMPTS)}", caption(rng, scene)], {}
 
 
 def text_grid_draw(rng, split):
@@ -110,7 +111,7 @@ def text_grid_draw(rng, split):
     else:
         scene = split_scene(rng, split, avoid=HELDOUT_COMBOS)
         request = describe(scene)
-    return [f"Draw {request} as a grid.", grid(scene)]
+    return [f"Draw {request} as a grid.", grid(scene)], {}
 
 
 TEXT_TASKS = {"scene_qa": text_scene_qa, "video_qa": text_video_qa, "keyed_copy": text_keyed_copy,
@@ -119,11 +120,12 @@ TEXT_TASKS = {"scene_qa": text_scene_qa, "video_qa": text_video_qa, "keyed_copy"
 
 
 def write_text(path, split, counts, rng):
-    """Text-only conversations in the conversation format (no images), `task` naming their kind."""
+    """Text-only conversations in the conversation format (no images), `task` naming their kind (and `meta.qtype` the
+    first question's type, where it is one of image_qa's)."""
     with open(path, "w") as f:
         for name, count in counts.items():
             for i in range(count):
-                turns = TEXT_TASKS[name](rng, split)
+                turns, meta = TEXT_TASKS[name](rng, split)
                 conversations = [{"from": ("human", "gpt")[k % 2], "value": t} for k, t in enumerate(turns)]
-                f.write(json.dumps({"id": f"{split}-text-{name}-{i:06d}", "task": name,
-                                    "conversations": conversations}) + "\n")
+                f.write(json.dumps({"id": f"{split}-text-{name}-{i:06d}", "task": name, "conversations": conversations,
+                                    **({"meta": meta} if meta else {})}) + "\n")
