@@ -26,7 +26,7 @@ out_dir = "out/tiny"
 llm_path = "toy/base/llm"
 toy_world = True  # False for real data: the world and the stand-ins are not made, they must exist
 launcher = ""  # put before encode.py and the training stages, e.g. "torchrun --nproc_per_node=8"
-force = ""  # a stage to run again even if its artefact exists (and every stage after it)
+force = ""  # a stage to run again even if its artefact exists (and every stage after it but the shipped stand-ins)
 # A few sample.py runs at the end: (prompt, input image relative to data_dir or ""): a generation, a question about an
 # image, an edit and a visual-thinking prompt (the images are toy val pictures the model never trained on).
 samples = [("Generate an image of a large red circle in the top left and a small blue square in the center.", ""),
