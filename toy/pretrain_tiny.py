@@ -161,8 +161,8 @@ def fact_recall(model, tokenizer):
 @torch.no_grad()
 def text_accuracy(model, tokenizer, conversations, limit=None):
     """Per task of the val conversations: the fraction of first replies the model gives greedily and exactly, from
-    the words alone (scene_qa is the skill image_qa needs, before any image is seen); and, as "<task>/<type>", per
-    type of first question where the conversation records one (meta.qtype: image_qa's types)."""
+    the words alone (scene_qa is the skill image_qa needs, before any image is seen); and, unless limited (the probes
+    during training), as "<task>/<type>" per type of first question where one is recorded (meta.qtype: image_qa's)."""
     model.eval()
     right, total = {}, {}
     for c in conversations:
