@@ -88,7 +88,7 @@ def test_wide_pictures_leave_the_toy_palette():
 
     import numpy as np
 
-    from toy import scenes, tasks
+    from toy import scenes
     rng = random.Random(0)
     pictures = [scenes.wide_picture(rng) for _ in range(40)]
     pixels = np.concatenate([np.asarray(img).reshape(-1, 3) for img, _ in pictures])
