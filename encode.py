@@ -9,7 +9,8 @@ The frozen vision tower runs once per image here, so training never runs it. The
   shard-r<rank>-<k>.paths, the n image paths (as the JSONL writes them), one a line, written once the shard is whole
   (a shard without its .paths was cut short: it is ignored, and written again);
 - index-hashes.npy / index-locations.npy: a sorted 64-bit hash of every path and its (shard, row), 16 bytes an image,
-  memory-mapped when opened (no rank reads a 12M-entry index into memory); cache.json: the tower, sizes and shards.
+  memory-mapped when opened (no rank reads a 12M-entry index into memory); cache.json: the tower, the image root, sizes
+  and shards.
 Every file is written atomically; the index is rebuilt from the .paths files (linear in the images) once every rank is
 done, so a crash or a kill leaves the shards written so far, and a rerun encodes only the images in none of them.
 At paper scale the cache is big: 12M images x 64 tokens x 1152 x 2 bytes = ~1.8 TB (the dry run prints it).
@@ -147,20 +148,27 @@ def cached_paths(folder):
     return {path for _, paths in written_shards(folder) for path in paths}
 
 
-def check_meta(folder, made_by, num_tokens):
-    """Start cache.json in a new folder, or check that the cache there was made by the same model and size."""
+def check_meta(folder, made_by, num_tokens, images_from):
+    """Start cache.json in a new folder, or check that the cache there was made by the same model and size, from images
+    under the same root. The cache is keyed by the image paths the JSONL writes, relative to that root: another
+    dataset's images/0001.png must not be read as this one's (an image changed in place keeps its old tokens: delete
+    the cache)."""
     file = os.path.join(folder, META)
     if os.path.exists(os.path.join(folder, "index.json")):
         raise ValueError(f"{folder} is a token cache of an older layout (index.json): delete it and encode again")
     if not os.path.exists(file):
         os.makedirs(folder, exist_ok=True)
         write_atomically(file, lambda temp: Path(temp).write_text(json.dumps(
-            {"siglip_path": made_by, "num_tokens": num_tokens, "dim": None, "shards": [], "images": 0})))
+            {"siglip_path": made_by, "num_tokens": num_tokens, "image_root": images_from, "dim": None, "shards": [],
+             "images": 0})))
         return
     meta = json.loads(Path(file).read_text())
     if (os.path.normpath(meta["siglip_path"]), meta["num_tokens"]) != (os.path.normpath(made_by), num_tokens):
         raise ValueError(f"{file} holds {meta['num_tokens']} tokens per image from {meta['siglip_path']}, not "
                          f"{num_tokens} from {made_by}: delete {folder} or choose another out_dir")
+    if os.path.normpath(meta.get("image_root", images_from)) != os.path.normpath(images_from):
+        raise ValueError(f"{file} holds the images under {meta['image_root']}, not {images_from}: delete {folder} or "
+                         "choose another out_dir")
 
 
 class ShardWriter:
@@ -253,7 +261,7 @@ def main():
     root, tokens_dir = image_root or data_dir, os.path.join(out_dir, "tokens")
     paths = image_paths(data_dir)
     if rank == 0:
-        check_meta(tokens_dir, siglip_path, num_visual_tokens)
+        check_meta(tokens_dir, siglip_path, num_visual_tokens, root)
     if dist.is_initialized():
         dist.barrier()
     done = cached_paths(tokens_dir)

@@ -125,7 +125,7 @@ def cache_latents(vae, paths, rank, world, dev):
     resolution); rank r encodes every world-th of them. Returns the whole cache: cache.get_many(paths) -> (n, 4, h, w)."""
     latents_dir, root = os.path.join(out_dir, "latents"), image_root or data_dir
     if rank == 0:
-        check_meta(latents_dir, vae_path, decoder_resolution)
+        check_meta(latents_dir, vae_path, decoder_resolution, root)
     if dist.is_initialized():
         dist.barrier()
     done = cached_paths(latents_dir)

@@ -216,6 +216,10 @@ def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsy
         raise AssertionError("a fully cached run must not load the tower")
     monkeypatch.setattr(encode, "load_vision_tower", no_tower)
     assert "already cached" in run_main(monkeypatch, capsys, **knobs)
+    other = str(tmp_path / "other")  # another dataset, the same relative paths: not read as this one's pictures
+    make_world(other, ["images/a.png"], seed=3)
+    with pytest.raises(ValueError, match=f"images under {data}, not {other}: delete"):
+        run_main(monkeypatch, capsys, **{**knobs, "data_dir": other})
 
 
 def test_bf16_encoding_agrees_with_fp32(tiny_tower, tmp_path, monkeypatch, capsys):
@@ -306,7 +310,7 @@ def test_a_killed_run_keeps_its_whole_shards_and_encodes_the_rest(tiny_tower, tm
 
 def test_index_lookups_duplicates_and_workers(tmp_path, monkeypatch):
     folder = str(tmp_path / "cache")
-    encode.check_meta(folder, "tower", 4)
+    encode.check_meta(folder, "tower", 4, "images")
     paths = [f"images/{i}.png" for i in range(1000)]
     tokens = [torch.full((4, 3), float(i)) for i in range(1000)]
     writer = encode.ShardWriter(folder, rank=1)

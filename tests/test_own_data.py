@@ -5,6 +5,7 @@ drawn and measured) and leave out the toy's tasks."""
 import json
 import os
 
+from configurator import ROOT, comments
 from conftest import run
 from own_data import make
 from test_decoder import MICRO
@@ -27,8 +28,8 @@ def test_walkthrough_on_a_dataset_unlike_the_toy(micro, tmp_path):
              f"--vae_path={base}/vae"]
 
     def stage(script, *args):
-        known = run(script, "configs/objects.py", "--help").stdout  # (a script takes only the keys it declares)
-        return run(script, "configs/objects.py", *[a for a in where if f"\n  {a.split('=')[0]}=" in known],
+        known = comments(os.path.join(ROOT, script))  # (a script takes only the keys it declares)
+        return run(script, "configs/objects.py", *[a for a in where if a[2:].split("=")[0] in known],
                    *SIZES.get(script, []), *args).stdout
 
     for script in ("encode.py", "train_adapter.py", "train_vpit.py", "train_decoder.py"):

@@ -2,6 +2,7 @@
 carries every turn (generated images included) exactly as a from-scratch pass over the whole conversation would."""
 import copy
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -93,18 +94,19 @@ def test_without_a_trained_run_the_shipped_one_answers_and_says_so(micro_run, mi
 
 
 def test_clear_errors(micro_run, micro, tmp_path):
-    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", f"--out_dir={tmp_path}", "--shipped_run=",
-              "--prompt", "hi", check=False)
-    assert out.returncode != 0 and "python train_vpit.py" in out.stderr and str(tmp_path) in out.stderr
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", "--prompt", "hi", f"--image={bad}", check=False)
-    assert out.returncode != 0 and "cannot read image" in out.stderr and str(bad) in out.stderr
-    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", "--prompt", "hi", f"--image={tmp_path}/missing.png", check=False)
-    assert "image not found" in out.stderr
-    out = run("sample.py", *micro_run["args"], "--max_new_tokens=3", "--prompt", "a long prompt " * 50, "--max_seq_len=64", check=False)
-    assert out.returncode != 0 and "prompt too long" in out.stderr and "max_seq_len=64" in out.stderr
-
+    common = [*micro_run["args"], "--max_new_tokens=3"]
+    cases = [[f"--out_dir={tmp_path}", "--shipped_run=", "--prompt", "hi"],
+             ["--prompt", "hi", f"--image={bad}"], ["--prompt", "hi", f"--image={tmp_path}/missing.png"],
+             ["--prompt", "a long prompt " * 50, "--max_seq_len=64"]]
+    with ThreadPoolExecutor(2) as pool:
+        untrained, corrupt, missing, too_long = pool.map(lambda a: run("sample.py", *common, *a, check=False), cases)
+    assert untrained.returncode != 0 and "python train_vpit.py" in untrained.stderr
+    assert str(tmp_path) in untrained.stderr
+    assert corrupt.returncode != 0 and "cannot read image" in corrupt.stderr and str(bad) in corrupt.stderr
+    assert "image not found" in missing.stderr
+    assert too_long.returncode != 0 and "prompt too long" in too_long.stderr and "max_seq_len=64" in too_long.stderr
 
 
 def test_the_length_check_leaves_room_for_every_picture_a_reply_may_draw(session, monkeypatch):

@@ -253,7 +253,7 @@ def synthetic_lines(task, ids, rng, corpus):
 
 def fake_token_cache(tokens_dir, paths, images):
     """A token cache in encode.py's format whose paths map onto `images` random unit tokens (one shard)."""
-    encode.check_meta(tokens_dir, "fake", num_visual_tokens)
+    encode.check_meta(tokens_dir, "fake", num_visual_tokens, "fake")
     tokens = torch.randn(images, num_visual_tokens, 1152, generator=torch.Generator().manual_seed(seed))
     shard = "shard-r000-00000.safetensors"
     save_file({"tokens": F.normalize(tokens, dim=-1).half()}, os.path.join(tokens_dir, shard))
