@@ -148,6 +148,10 @@ def cached_paths(folder):
     return {path for _, paths in written_shards(folder) for path in paths}
 
 
+class CacheMismatch(ValueError):
+    """A cache folder made from another model, size or image root: the user's choice of folder, not a bug."""
+
+
 def check_meta(folder, made_by, num_tokens, images_from):
     """Start cache.json in a new folder, or check that the cache there was made by the same model and size, from images
     under the same root. The cache is keyed by the image paths the JSONL writes, relative to that root: another
@@ -155,7 +159,7 @@ def check_meta(folder, made_by, num_tokens, images_from):
     the cache)."""
     file = os.path.join(folder, META)
     if os.path.exists(os.path.join(folder, "index.json")):
-        raise ValueError(f"{folder} is a token cache of an older layout (index.json): delete it and encode again")
+        raise CacheMismatch(f"{folder} is a token cache of an older layout (index.json): delete it and encode again")
     if not os.path.exists(file):
         os.makedirs(folder, exist_ok=True)
         write_atomically(file, lambda temp: Path(temp).write_text(json.dumps(
@@ -164,11 +168,14 @@ def check_meta(folder, made_by, num_tokens, images_from):
         return
     meta = json.loads(Path(file).read_text())
     if (os.path.normpath(meta["siglip_path"]), meta["num_tokens"]) != (os.path.normpath(made_by), num_tokens):
-        raise ValueError(f"{file} holds {meta['num_tokens']} tokens per image from {meta['siglip_path']}, not "
-                         f"{num_tokens} from {made_by}: delete {folder} or choose another out_dir")
-    if os.path.normpath(meta.get("image_root", images_from)) != os.path.normpath(images_from):
-        raise ValueError(f"{file} holds the images under {meta['image_root']}, not {images_from}: delete {folder} or "
-                         "choose another out_dir")
+        raise CacheMismatch(f"{file} holds {meta['num_tokens']} tokens per image from {meta['siglip_path']}, not "
+                            f"{num_tokens} from {made_by}: delete {folder} or choose another out_dir")
+    if "image_root" not in meta:  # a cache from before the root was recorded: it is this one's from now on
+        meta["image_root"] = images_from
+        write_atomically(file, lambda temp: Path(temp).write_text(json.dumps(meta)))
+    if os.path.normpath(meta["image_root"]) != os.path.normpath(images_from):
+        raise CacheMismatch(f"{file} holds the images under {meta['image_root']}, not {images_from}: delete {folder} "
+                            "or choose another out_dir")
 
 
 class ShardWriter:
@@ -315,6 +322,9 @@ if __name__ == "__main__":
     from configurator import configure
 
     configure(globals())
-    main()
+    try:
+        main()
+    except CacheMismatch as e:
+        raise SystemExit(f"error: {e}") from None
     if dist.is_initialized():
         dist.destroy_process_group()

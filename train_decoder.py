@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from common import TokenCache, save_atomically, save_checkpoint, setup_distributed, wants_bf16
 from data import load_mixture
-from encode import cached_paths, check_meta, fill_cache, finish_cache, load_image
+from encode import CacheMismatch, cached_paths, check_meta, fill_cache, finish_cache, load_image
 from toy.scenes import names_toy_scenes, scene_agreement
 from visualizer import Decoder, Visualizer, decode_tokens, grid, load_vae
 
@@ -326,4 +326,7 @@ if __name__ == "__main__":
     from configurator import configure
 
     configure(globals())
-    main()
+    try:
+        main()
+    except CacheMismatch as e:
+        raise SystemExit(f"error: {e}") from None

@@ -218,8 +218,12 @@ def test_resume_encodes_only_new_images(tiny_tower, tmp_path, monkeypatch, capsy
     assert "already cached" in run_main(monkeypatch, capsys, **knobs)
     other = str(tmp_path / "other")  # another dataset, the same relative paths: not read as this one's pictures
     make_world(other, ["images/a.png"], seed=3)
-    with pytest.raises(ValueError, match=f"images under {data}, not {other}: delete"):
+    with pytest.raises(encode.CacheMismatch, match=f"images under {data}, not {other}: delete"):
         run_main(monkeypatch, capsys, **{**knobs, "data_dir": other})
+    meta_file = os.path.join(tokens_dir, common.META)  # a cache from before the root was kept takes the next run's
+    json.dump({k: v for k, v in json.load(open(meta_file)).items() if k != "image_root"}, open(meta_file, "w"))
+    assert "already cached" in run_main(monkeypatch, capsys, **knobs)
+    assert json.load(open(meta_file))["image_root"] == data
 
 
 def test_bf16_encoding_agrees_with_fp32(tiny_tower, tmp_path, monkeypatch, capsys):
