@@ -160,22 +160,17 @@ def check_meta(folder, made_by, num_tokens, images_from):
     file = os.path.join(folder, META)
     if os.path.exists(os.path.join(folder, "index.json")):
         raise CacheMismatch(f"{folder} is a token cache of an older layout (index.json): delete it and encode again")
-    if not os.path.exists(file):
-        os.makedirs(folder, exist_ok=True)
-        write_atomically(file, lambda temp: Path(temp).write_text(json.dumps(
-            {"siglip_path": made_by, "num_tokens": num_tokens, "image_root": images_from, "dim": None, "shards": [],
-             "images": 0})))
-        return
-    meta = json.loads(Path(file).read_text())
+    meta = json.loads(Path(file).read_text()) if os.path.exists(file) else \
+        {"siglip_path": made_by, "num_tokens": num_tokens, "dim": None, "shards": [], "images": 0}
     if (os.path.normpath(meta["siglip_path"]), meta["num_tokens"]) != (os.path.normpath(made_by), num_tokens):
         raise CacheMismatch(f"{file} holds {meta['num_tokens']} tokens per image from {meta['siglip_path']}, not "
                             f"{num_tokens} from {made_by}: delete {folder} or choose another out_dir")
-    if "image_root" not in meta:  # a cache from before the root was recorded: it is this one's from now on
-        meta["image_root"] = images_from
-        write_atomically(file, lambda temp: Path(temp).write_text(json.dumps(meta)))
-    if os.path.normpath(meta["image_root"]) != os.path.normpath(images_from):
+    if os.path.normpath(meta.get("image_root", images_from)) != os.path.normpath(images_from):
         raise CacheMismatch(f"{file} holds the images under {meta['image_root']}, not {images_from}: delete {folder} "
                             "or choose another out_dir")
+    if "image_root" not in meta:  # a new cache, or one from before the root was recorded: this one's from now on
+        os.makedirs(folder, exist_ok=True)
+        write_atomically(file, lambda temp: Path(temp).write_text(json.dumps({**meta, "image_root": images_from})))
 
 
 class ShardWriter:
