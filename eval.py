@@ -213,6 +213,13 @@ def picture_metrics(judges, pictures, which, targets, real, texts):
     return out
 
 
+def objects_right_of_all(metrics, targets, drawn):
+    """The share of every object asked for that a picture shows whole; metrics["object"] is the share of those in the
+    pictures drawn (items `drawn`), and a prompt answered in words draws none of its objects."""
+    asked = [len(scene) for scene in targets]
+    return (metrics["object"] or 0.0) * sum(asked[k] for k in drawn) / sum(asked)
+
+
 def generation(model, visualizer, cache, judges, dev, sets):
     """Per set of sets (set -> samples): the share of pictures the model drew, and of those its token cosine and the
     scene accuracy, and the same of pictures decoded from the true tokens (the ceiling); for the prompt sets the
@@ -246,6 +253,8 @@ def generation(model, visualizer, cache, judges, dev, sets):
                     for k in range(len(items))]
             grid += rows[:grid_rows // sum(t in GENERATION_SETS for t in sets)]
         report[task]["model"] = picture_metrics(judges, pictures, drawn, targets, real, texts)
+        if targets:
+            report[task]["object_of_all"] = objects_right_of_all(report[task]["model"], targets, drawn)
         if eval_ceiling:
             report[task]["true_tokens"] = picture_metrics(judges, ceiling, range(len(items)), targets, real, texts)
     return report, grid
@@ -298,6 +307,10 @@ def markdown(results):
             drawn = f"{100 * r['drawn']:.0f}% | {cell(r, 'token_cosine', three, count)}" if source == "model" else \
                 "- | 1.000"
             lines.append(f"| {task} | {source.replace('_', ' ')} | {drawn} | {forced} | {cells} | {extra} |")
+    of_all = [f"{task} {100 * r['object_of_all']:.1f}%" for task, r in results["generation"].items()
+              if "object_of_all" in r]
+    lines += ["", "Whole objects right of all asked for (a prompt answered in words counts as wrong): " +
+              ", ".join(of_all) + "."] if of_all else []
     lines += ["", "![prompts, real, decoded from true tokens, generated](grid.png)", ""]
     return "\n".join(lines)
 
