@@ -105,15 +105,16 @@ def test_metrics_of_too_few_pictures_are_na_not_numbers():
     assert ev.objects_right_of_all(none, targets, []) == 0 and ev.objects_right_of_all(one, targets, [2]) == 1 / 3
     results = {"run": "out/x", "left_out": [], "understanding": {}, "generation": {
         "generation": {"pictures": 3, "drawn": 0.0, "token_cosine": None, "model": none, "true_tokens": every,
-                       "object_of_all": 0.0},
+                       "object_of_all": 0.0, "objects_asked": 3},
         "generation_heldout": {"pictures": 3, "drawn": 1 / 3, "token_cosine": 0.5, "model": one, "true_tokens": every,
-                               "object_of_all": 1 / 3}}}
+                               "object_of_all": 1 / 3, "objects_asked": 3}}}
     report = ev.markdown(results)
     row = lambda start: next(line for line in report.splitlines() if line.startswith(start))
     assert row("| generation | model | 0% |").count("n/a (0 drawn)") == 1 + 7 + 2  # token cos, scenes, FD, score
     assert row("| generation_heldout | model | 33% |").count("n/a") == 1 and "| n/a (1 drawn) | 25.0 |" in report
     assert "n/a" not in row("| generation | true tokens |") and "## Understanding" not in report
-    assert row("Whole objects right of all asked for").endswith(": generation 0.0%, generation_heldout 33.3%.")
+    shares = row("Whole objects right of all asked for").split("): ")[1]
+    assert shares == "generation 0.0 ± 0.0%, generation_heldout 33.3 ± 27.2%."  # 27.2: sqrt(1/3 * 2/3 / 3)
 
 
 def test_sets_without_a_val_file_are_left_out_with_a_note(tmp_path, monkeypatch, capsys):
