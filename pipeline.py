@@ -26,10 +26,6 @@ out_dir = "out/tiny"
 llm_path = "toy/base/llm"
 toy_world = True  # False for real data: the world and the stand-ins are not made, they must exist
 launcher = ""  # put before encode.py and the training stages, e.g. "torchrun --nproc_per_node=8"
-# The decoder never sees the LLM (Sec. 2.3), so on a CPU it can train beside stage 1, each on half the cores (with one
-# thread each, 2 cores do more than with both on one stage at a time: docs/devlog.md, (thirteenth)); its output then
-# goes to out_dir/logs/train_decoder.log. Not with a launcher (GPU machines): there every stage has the whole machine.
-decoder_beside_stage_1 = False
 force = ""  # a stage to run again even if its artefact exists (and every stage after it but the shipped stand-ins)
 # A few sample.py runs at the end: (prompt, input image relative to data_dir or ""): a generation, a question about an
 # image, an edit and a visual-thinking prompt (the images are toy val pictures the model never trained on).
@@ -72,33 +68,12 @@ def world_changes(done):
     return ", ".join(knob for knob in wanted if recorded.get(knob) != wanted[knob])
 
 
-def run(script, config, parallel, *args, env=None):
+def run(script, config, parallel, *args):
     runner = shlex.split(launcher) if parallel and launcher else [sys.executable]
     command = runner + [*script_args(script), config, *args]
     print(f"\n=== {' '.join(command)}", flush=True)
     start = time.time()
-    subprocess.run(command, check=True, env=env)
-    return time.time() - start
-
-
-def run_beside(first, second, config):
-    """first and second at once, each with half the CPU threads; second's output goes to out_dir/logs/."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
-    log = os.path.join(out_dir, "logs", os.path.basename(second)[:-len(".py")] + ".log")
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    command = [sys.executable, *script_args(second), config]
-    print(f"\n=== {' '.join(command)}, beside {first}, each on {env['OMP_NUM_THREADS']} threads (its output: {log})",
-          flush=True)
-    start = time.time()
-    with open(log, "w") as out:
-        beside = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            run(first, config, False, env=env)
-        except BaseException:
-            beside.kill()
-            raise
-        if beside.wait():
-            raise subprocess.CalledProcessError(beside.returncode, command)
+    subprocess.run(command, check=True)
     return time.time() - start
 
 
@@ -130,16 +105,9 @@ def plan():
 
 
 def main(config):
-    if decoder_beside_stage_1 and launcher:
-        raise SystemExit("error: decoder_beside_stage_1 shares a CPU's cores between two stages; with a launcher "
-                         "(a GPU machine) every stage has the whole machine: set one of them off")
-    times, todo = {}, dict(plan())
-    together = decoder_beside_stage_1 and {"train_adapter.py", "train_decoder.py"} <= set(todo)
-    for script, parallel in todo.items():
-        if together and script == "train_adapter.py":
-            times["train_adapter.py + train_decoder.py"] = run_beside(script, "train_decoder.py", config)
-        elif not (together and script == "train_decoder.py"):
-            times[script] = run(script, config, parallel)
+    times = {}
+    for script, parallel in plan():
+        times[script] = run(script, config, parallel)
     for k, (prompt, image) in enumerate(samples):
         extra = ["--image", os.path.join(data_dir, image)] if image else []
         times[f"sample {k}"] = run("sample.py", config, False, "--prompt", prompt, *extra)

@@ -21,5 +21,3 @@ vpit_lead_in_epochs = 8
 vpit_lead_in_lr = 1e-3
 vpit_lead_in_frozen = ["adapter"]
 drawn_token_dropout = 0.5
-# pipeline.py on 2 cores: the decoder trains beside stage 1, each on one (about 1.2 min sooner: docs/devlog.md, (thirteenth))
-decoder_beside_stage_1 = True
