@@ -221,11 +221,6 @@ def objects_right_of_all(metrics, targets, drawn):
     return (metrics["object"] or 0.0) * sum(asked[k] for k in drawn) / sum(asked)
 
 
-def standard_error(share, n):
-    """The binomial standard error of a share measured on n items: how far another n items could put it."""
-    return math.sqrt(share * (1 - share) / n)
-
-
 def generation(model, visualizer, cache, judges, dev, sets):
     """Per set of sets (set -> samples): the share of pictures the model drew, and of those its token cosine and the
     scene accuracy, and the same of pictures decoded from the true tokens (the ceiling); for the prompt sets the
@@ -261,7 +256,7 @@ def generation(model, visualizer, cache, judges, dev, sets):
         report[task]["model"] = picture_metrics(judges, pictures, drawn, targets, real, texts)
         if targets:
             report[task]["object_of_all"] = objects_right_of_all(report[task]["model"], targets, drawn)
-            report[task]["objects_asked"] = sum(len(scene) for scene in targets)
+            report[task]["objects_asked"] = sum(map(len, targets))
         if eval_ceiling:
             report[task]["true_tokens"] = picture_metrics(judges, ceiling, range(len(items)), targets, real, texts)
     return report, grid
@@ -314,7 +309,7 @@ def markdown(results):
             drawn = f"{100 * r['drawn']:.0f}% | {cell(r, 'token_cosine', three, count)}" if source == "model" else \
                 "- | 1.000"
             lines.append(f"| {task} | {source.replace('_', ' ')} | {drawn} | {forced} | {cells} | {extra} |")
-    error = lambda r: 100 * standard_error(r["object_of_all"], r["objects_asked"])
+    error = lambda r: 100 * math.sqrt(r["object_of_all"] * (1 - r["object_of_all"]) / r["objects_asked"])  # binomial
     of_all = [f"{task} {100 * r['object_of_all']:.1f} ± {error(r):.1f}%" for task, r in results["generation"].items()
               if "object_of_all" in r]
     lines += ["", "Whole objects right of all asked for (a prompt answered in words counts as wrong; ± one standard "
