@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from configurator import BadInput, MissingFile
+
 
 # ---- processes and devices -------------------------------------------------------------------------------------------
 def setup_distributed(device="auto"):
@@ -176,8 +178,8 @@ def trained_run(out_dir, shipped_run=""):
             if path != out_dir:
                 print(f"no trained model in {out_dir}: using the shipped toy run in {path}", file=sys.stderr)
             return path
-    raise FileNotFoundError(f"no trained model at {os.path.join(out_dir, 'vpit')}: run `python train_adapter.py && "
-                            "python train_vpit.py` (with your config file)")
+    raise MissingFile(f"no trained model at {os.path.join(out_dir, 'vpit')}: run `python train_adapter.py && "
+                      "python train_vpit.py` (with your config file)")
 
 
 # ---- the token cache (encode.py writes it) ---------------------------------------------------------------------------
@@ -195,13 +197,13 @@ class TokenCache:
 
     def __init__(self, tokens_dir):
         if not os.path.exists(os.path.join(tokens_dir, HASHES)):
-            raise FileNotFoundError(f"no token cache at {tokens_dir} (no {HASHES}): run `python encode.py` first")
+            raise MissingFile(f"no token cache at {tokens_dir} (no {HASHES}): run `python encode.py` first")
         meta = json.loads(Path(os.path.join(tokens_dir, META)).read_text())
         self.tokens_dir, self.shards = tokens_dir, meta["shards"]
         self.siglip_path, self.num_tokens, self.dim = meta["siglip_path"], meta["num_tokens"], meta["dim"]
         self.open_index()
         if not len(self.hashes) == len(self.locations) == meta["images"]:  # cut short between write_index's files
-            raise ValueError(f"the token cache index in {tokens_dir} is half-written: run `python encode.py` again")
+            raise BadInput(f"the token cache index in {tokens_dir} is half-written: run `python encode.py` again")
 
     def open_index(self):
         self.hashes = np.load(os.path.join(self.tokens_dir, HASHES), mmap_mode="r")

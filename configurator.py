@@ -10,9 +10,13 @@ A config file is shared by every stage, so it may hold keys another stage declar
 an error, as is an override this script does not declare, or a config file that does not run (its line is named). Run
 from the command line, such a mistake is one line on stderr and exit status 2; `--help` (or -h) prints the script's
 docstring and its knobs with their values (after the config file) and comments, and exits.
+Every stage raises the same kinds of error for a mistake in what the user gave (MissingFile, BadInput), and its
+`__main__` runs `run_main(main)`, which turns them into one line on stderr and exit status 2 too; a bug keeps its
+traceback.
 """
 import ast
 import difflib
+import gc
 import io
 import os
 import sys
@@ -32,8 +36,33 @@ def script_args(script):
     return ["-m", script[:-len(".py")].replace("/", ".")] if "/" in script else [script]
 
 
-class ConfigError(ValueError):
-    """A mistake in a config file or on the command line (not a bug): one line on stderr from the command line."""
+class UserError(Exception):
+    """A mistake in what the user gave (a knob, a path, a file, an image, a line of data), never a bug."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder that the user named, or that an earlier stage makes, is not there."""
+
+
+class BadInput(UserError, ValueError):
+    """A file, an image, a line of data or a value is there but not what the stage can take."""
+
+
+class ConfigError(BadInput):
+    """A mistake in a config file or on the command line."""
+
+
+def run_main(main, *args):
+    """main(*args) from the command line: a UserError ends in `error: <message>`, one line on stderr, exit status 2."""
+    try:
+        return main(*args)
+    except UserError as e:
+        # raised in a DataLoader worker, it comes back with the worker's traceback first: its last line is the error
+        message = str(e).strip().splitlines()[-1]
+        message = message.removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+    gc.collect()  # the error's frames are let go: a progress bar they held closes its line before the message
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def knobs(g):
@@ -201,8 +230,4 @@ def configure(g, argv=None):
     command line (argv None) a mistake is one line on stderr and exit status 2; given argv, it raises ConfigError."""
     if argv is not None:
         return apply(g, argv)
-    try:
-        return apply(g, sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_main(apply, g, sys.argv[1:])

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common import open_token_cache
+from configurator import BadInput, MissingFile
 from model import IGNORE, IMAGE, ROLES, build_sample
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize; the fork must not deadlock them
@@ -55,15 +56,15 @@ def conversation_problem(sample):
 def parse_line(line, where):
     """A line of a conversation file -> the sample, or a ValueError naming `where` (file and line) and the problem."""
     if not line.strip():
-        raise ValueError(f"{where}: empty line")
+        raise BadInput(f"{where}: empty line")
     try:
         sample = json.loads(line)
     except ValueError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
+        raise BadInput(f"{where}: not valid JSON ({e})") from None
     problem = conversation_problem(sample)
     if problem:
-        raise ValueError(f"{where} ({sample.get('id') if isinstance(sample, dict) else None}): "
-                         f"{problem[0]}: {problem[1]}")
+        raise BadInput(f"{where} ({sample.get('id') if isinstance(sample, dict) else None}): "
+                       f"{problem[0]}: {problem[1]}")
     return sample
 
 
@@ -71,7 +72,7 @@ def read_jsonl(path, limit=None):
     """The samples of a small conversation file (val sets, eval), at most limit of them; a bad line is an error naming
     the file and line."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"conversation file not found: {path}")
+        raise MissingFile(f"conversation file not found: {path}")
     samples = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -88,7 +89,7 @@ def load_mixture(data_dir, split, mixture):
         path = os.path.join(data_dir, split, f"{task}.jsonl")
         rows = read_jsonl(path, None if n is None or n < 0 else n)
         if n is not None and len(rows) < n:
-            raise ValueError(f"mixture asks for {n} {task} samples but {path} has {len(rows)}")
+            raise BadInput(f"mixture asks for {n} {task} samples but {path} has {len(rows)}")
         samples += rows
     return samples
 
@@ -113,7 +114,7 @@ def scan_lines(path):
 def line_index(path, index_dir=None):
     """scan_lines(path), cached in index_dir (keyed by the file's path, size and modification time) when given."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"conversation file not found: {path}")
+        raise MissingFile(f"conversation file not found: {path}")
     stat = os.stat(path)
     key = f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
     cached = os.path.join(index_dir, hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz") if index_dir else None
@@ -143,7 +144,7 @@ class Conversations(Dataset):
             index = line_index(path, index_dir)
             if n is not None and n >= 0:
                 if n > len(index[0]):
-                    raise ValueError(f"the mixture asks for {n} samples but {path} has {len(index[0])}")
+                    raise BadInput(f"the mixture asks for {n} samples but {path} has {len(index[0])}")
                 index = [column[:n] for column in index]
             self.files.append(path)
             columns.append(index)
@@ -203,8 +204,8 @@ class Conversations(Dataset):
         missing = [p for p in images if p not in self.cache]
         if missing:
             f, lineno = self.where(i)
-            raise KeyError(f"{self.files[f]}, line {lineno}: image {missing[0]} is not in the token cache "
-                           f"{self.cache.tokens_dir}: run `python encode.py`")
+            raise MissingFile(f"{self.files[f]}, line {lineno}: image {missing[0]} is not in the token cache "
+                              f"{self.cache.tokens_dir}: run `python encode.py`")
         return built, self.cache.get_many(images).flatten(0, 1)
 
     def collate(self, items):

@@ -36,6 +36,7 @@ from transformers import AutoImageProcessor, SiglipVisionModel
 from transformers.utils import logging as hf_logging
 
 from common import HASHES, LOCATIONS, META, TokenCache, path_hash, setup_distributed, wants_bf16, write_atomically
+from configurator import BadInput, MissingFile
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"  # conversation JSONL under data_dir/train/*.jsonl and data_dir/val/*.jsonl
@@ -56,9 +57,9 @@ def load_vision_tower(path):
     """(SiglipVisionModel in eval mode, its image processor) from a local folder saved by save_pretrained, holding
     either a full SiglipModel (the text tower is ignored) or a SiglipVisionModel."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"vision tower not found at {path}: make the toy stand-in with "
-                                "`python -m toy.pretrain_tiny`, or get the real one with "
-                                f"`hf download google/siglip-so400m-patch14-384 --local-dir {path}`")
+        raise MissingFile(f"vision tower not found at {path}: make the toy stand-in with "
+                          "`python -m toy.pretrain_tiny`, or get the real one with "
+                          f"`hf download google/siglip-so400m-patch14-384 --local-dir {path}`")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists every text-tower weight as unexpected: we check below
     try:
@@ -67,8 +68,8 @@ def load_vision_tower(path):
     finally:
         hf_logging.set_verbosity(verbosity)
     if info["missing_keys"] or info["mismatched_keys"]:
-        raise ValueError(f"{path} is not a SigLIP vision tower: weights missing or mismatched: "
-                         f"{sorted(info['missing_keys'])[:5]} {info['mismatched_keys'][:5]}")
+        raise BadInput(f"{path} is not a SigLIP vision tower: weights missing or mismatched: "
+                       f"{sorted(info['missing_keys'])[:5]} {info['mismatched_keys'][:5]}")
     return model.eval().requires_grad_(False), processor
 
 
@@ -102,20 +103,20 @@ def image_tokens(vision_model, processor, images, num_tokens=64):
 def load_image(path):
     """An RGB PIL image, or an error that names the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
+        raise MissingFile(f"image not found: {path}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except Exception as e:  # PIL raises several kinds for truncated or garbage files
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise BadInput(f"cannot read image {path}: {e}") from e
 
 
 def image_paths(data_dir):
     """Every image path in the `images` lists of data_dir/{train,val}/*.jsonl, deduplicated, sorted."""
     files = sorted(f for split in ("train", "val") for f in glob.glob(os.path.join(data_dir, split, "*.jsonl")))
     if not files:
-        raise FileNotFoundError(f"no conversation files in {data_dir}/train or {data_dir}/val: "
-                                "make the toy world with `python -m toy.toyworld`")
+        raise MissingFile(f"no conversation files in {data_dir}/train or {data_dir}/val: "
+                          "make the toy world with `python -m toy.toyworld`")
     paths = set()
     for file in files:
         with open(file) as f:
@@ -123,12 +124,12 @@ def image_paths(data_dir):
                 try:
                     sample = json.loads(line)
                 except ValueError:
-                    raise ValueError(f"{file}, line {lineno}: {'not valid JSON' if line.strip() else 'empty line'}") \
+                    raise BadInput(f"{file}, line {lineno}: {'not valid JSON' if line.strip() else 'empty line'}") \
                         from None
                 images = sample.get("images", []) if isinstance(sample, dict) else None
                 if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-                    raise ValueError(f"{file}, line {lineno}: a sample must be a JSON object whose `images` is a "
-                                     "list of paths")
+                    raise BadInput(f"{file}, line {lineno}: a sample must be a JSON object whose `images` is a "
+                                   "list of paths")
                 paths.update(images)
     return sorted(paths)
 
@@ -148,7 +149,7 @@ def cached_paths(folder):
     return {path for _, paths in written_shards(folder) for path in paths}
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(BadInput):
     """A cache folder made from another model, size or image root: the user's choice of folder, not a bug."""
 
 
@@ -199,7 +200,7 @@ def write_index(folder, shards, paths, shard_ids, rows, dim):
     twice = np.flatnonzero(hashes[1:] == hashes[:-1])
     if len(twice):
         first, second = order[twice[0]], order[twice[0] + 1]
-        raise ValueError(f"{folder}: {len(twice)} image paths share a 64-bit key with another, e.g. " + (
+        raise BadInput(f"{folder}: {len(twice)} image paths share a 64-bit key with another, e.g. " + (
             f"{paths[first]} is in both {shards[shard_ids[first]]} and {shards[shard_ids[second]]} (two runs of "
             "encode.py into one folder at once?): delete the folder and encode again" if paths[first] == paths[second]
             else f"{paths[first]} and {paths[second]} (a hash collision): rename one of the images"))
@@ -314,12 +315,9 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
-    try:
-        main()
-    except CacheMismatch as e:
-        raise SystemExit(f"error: {e}") from None
+    run_main(main)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import TokenCache, trained_run
+from configurator import BadInput, MissingFile
 from data import OPTION_PROMPT, collate, is_correct, option_letter, output_images, questions, read_jsonl
 from encode import image_tokens, load_image, load_vision_tower
 from model import IMAGE, MetaMorph, build_sample
@@ -77,8 +78,8 @@ def sets_in_data():
              (("eval_understanding", eval_understanding, understand), ("eval_generation", eval_generation, draw))
              for task in sets if task not in kept]
     if not (understand or draw or benchmark_file):
-        raise FileNotFoundError(f"nothing to evaluate: none of the sets of eval_understanding and eval_generation has "
-                                f"a val file in {os.path.join(data_dir, 'val')}, and no benchmark_file is given")
+        raise MissingFile(f"nothing to evaluate: none of the sets of eval_understanding and eval_generation has "
+                          f"a val file in {os.path.join(data_dir, 'val')}, and no benchmark_file is given")
     for note in notes:
         print(note)
     return understand, draw, notes
@@ -146,8 +147,8 @@ def run_benchmark_file(model, tower, processor, dev):
             row = json.loads(line)
             question, answer = row["question"], row["answer"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{benchmark_file}, line {lineno}: not a benchmark row, a JSON object with `question` and "
-                             f"`answer` ({e!r})") from None
+            raise BadInput(f"{benchmark_file}, line {lineno}: not a benchmark row, a JSON object with `question` and "
+                           f"`answer` ({e!r})") from None
         images = row.get("images", row.get("image", []))  # LLaVA's files name one picture as "image"
         images = [images] if isinstance(images, str) else images
         if row.get("options"):
@@ -156,8 +157,8 @@ def run_benchmark_file(model, tower, processor, dev):
             options[k] = row["options"]
             answer = letters[answer] if isinstance(answer, int) else answer  # an index (ScienceQA's layout)
             if option_letter(str(answer), options[k]) is None:
-                raise ValueError(f"{benchmark_file}, line {lineno}: the answer {answer!r} is neither an option's letter "
-                                 "nor its text")
+                raise BadInput(f"{benchmark_file}, line {lineno}: the answer {answer!r} is neither an option's letter "
+                               "nor its text")
         if IMAGE not in question:
             question = f"{IMAGE}\n" * len(images) + question
         items.append(([{"from": "human", "value": question}], images, str(answer), row.get("category", "all")))
@@ -346,7 +347,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
-    main()
+    run_main(main)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import broadcast_from_rank0, save_atomically, whole
+from configurator import BadInput, MissingFile
 
 IMAGE, IMAGE_START, IMAGE_END = "<image>", "<image_start>", "<image_end>"
 IGNORE = -100
@@ -47,7 +48,7 @@ class MetaMorph(nn.Module):
     def from_llm(cls, llm_path, vision_dim, num_visual_tokens=64, dtype=torch.float32):
         """A pretrained LLM (a local folder) + new image delimiters + a fresh adapter and vision head."""
         if not os.path.isdir(llm_path):
-            raise FileNotFoundError(f"LLM not found at {llm_path} (the toy stand-in: `python -m toy.pretrain_tiny`)")
+            raise MissingFile(f"LLM not found at {llm_path} (the toy stand-in: `python -m toy.pretrain_tiny`)")
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
         llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
         vocab = len(tokenizer)
@@ -103,7 +104,7 @@ class MetaMorph(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32):
         if not os.path.exists(os.path.join(path, "metamorph.json")):
-            raise FileNotFoundError(f"no MetaMorph checkpoint at {path} (metamorph.json missing)")
+            raise MissingFile(f"no MetaMorph checkpoint at {path} (metamorph.json missing)")
         meta = json.load(open(os.path.join(path, "metamorph.json")))
         llm_dir = os.path.join(path, "llm")
         model = cls(AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype), AutoTokenizer.from_pretrained(llm_dir),
@@ -287,7 +288,7 @@ def chat_segments(tokenizer, conversations, add_generation_prompt=False):
             done = prompt
         full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
         if not full.startswith(done):
-            raise ValueError("the chat template does not render conversations prefix by prefix")
+            raise BadInput("the chat template does not render conversations prefix by prefix")
         segments.append((full[len(done):], m["role"] == "assistant"))
         done = full
     if add_generation_prompt:
@@ -329,7 +330,7 @@ def build_sample(tokenizer, conversations, num_images, num_visual_tokens=64, add
         labels += [i if assistant and s < 0 else IGNORE for i, s in zip(seg_ids, seg_slots)]  # delimiters included
         vision += [assistant and s >= 0 for s in seg_slots]
     if images != num_images:
-        raise ValueError(f"{images} <image> placeholders but {num_images} images")
+        raise BadInput(f"{images} <image> placeholders but {num_images} images")
     return {"input_ids": torch.tensor(ids), "slots": torch.tensor(slots), "labels": torch.tensor(labels),
             "vision_mask": torch.tensor(vision)}
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from configurator import configure, script_args
+from configurator import BadInput, configure, run_main, script_args
 
 # ---------------------------------------------------------------------------------------------------------------------
 data_dir = "data/toy"
@@ -73,7 +73,9 @@ def run(script, config, parallel, *args):
     command = runner + [*script_args(script), config, *args]
     print(f"\n=== {' '.join(command)}", flush=True)
     start = time.time()
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code:  # the stage has said why, in one line or a bug's traceback: the pipeline stops with its exit status
+        raise SystemExit(code)
     return time.time() - start
 
 
@@ -83,7 +85,7 @@ def plan():
     its own folder)."""
     names = [s for s, _, _, _ in stages()]
     if force and force not in names:
-        raise ValueError(f"--force={force}: not a stage of this pipeline ({', '.join(names)})")
+        raise BadInput(f"--force={force}: not a stage of this pipeline ({', '.join(names)})")
     todo, after_force = [], False
     for script, done, parallel, clears in stages():
         after_force = after_force or script == force
@@ -91,9 +93,9 @@ def plan():
         forced = after_force and (script != "toy/pretrain_tiny.py" or force == script)
         if script == "toy/toyworld.py" and os.path.exists(done) and not forced and (changed := world_changes(done)):
             # not made again here: new knobs may redraw pictures that the token cache (keyed by path) still holds
-            raise SystemExit(f"error: {data_dir} was made with other toy-world knobs than {config_file} "
-                             f"({changed}): make it again with `python -m toy.toyworld {config_file}`, "
-                             f"removing {os.path.join(out_dir, 'tokens')} first if seed or a picture count changed")
+            raise BadInput(f"{data_dir} was made with other toy-world knobs than {config_file} "
+                           f"({changed}): make it again with `python -m toy.toyworld {config_file}`, "
+                           f"removing {os.path.join(out_dir, 'tokens')} first if seed or a picture count changed")
         if done and os.path.exists(done) and not forced:
             print(f"=== {script}: done ({done} exists), skipped")
             continue
@@ -117,4 +119,4 @@ def main(config):
 
 if __name__ == "__main__":
     configure(globals())
-    main(config_file)
+    run_main(main, config_file)

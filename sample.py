@@ -17,6 +17,7 @@ import os
 import torch
 
 from common import trained_run
+from configurator import BadInput
 from encode import image_tokens, load_image, load_vision_tower
 from model import IMAGE, MetaMorph, build_sample, encode_text
 from visualizer import decode_tokens, load_visualizer
@@ -52,7 +53,7 @@ def with_placeholders(text, n_images):
     if IMAGE not in text:
         text = f"{IMAGE}\n" * n_images + text
     if text.count(IMAGE) != n_images:
-        raise ValueError(f"the prompt has {text.count(IMAGE)} {IMAGE} placeholders but {n_images} images were given")
+        raise BadInput(f"the prompt has {text.count(IMAGE)} {IMAGE} placeholders but {n_images} images were given")
     return text
 
 
@@ -64,7 +65,7 @@ def next_turn_markup(tokenizer, text):
     full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": reply},
                                           {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     if not full.startswith(prompt) or reply not in full[len(prompt):]:
-        raise ValueError("the chat template does not render a conversation prefix by prefix")
+        raise BadInput("the chat template does not render a conversation prefix by prefix")
     return full[full.index(reply, len(prompt)) + len(reply):]
 
 
@@ -102,9 +103,9 @@ class Session:
         used = self.cache.get_seq_length() if self.cache is not None else 0
         pictures = max_new_images * (self.model.num_visual_tokens + 1)  # slots + <image_end>: not in max_new_tokens
         if used + len(ids) + max_new_tokens + pictures > max_seq_len:
-            raise ValueError(f"prompt too long: {used} tokens of conversation so far + {len(ids)} new + "
-                             f"max_new_tokens={max_new_tokens} + {pictures} for max_new_images={max_new_images} "
-                             f"> max_seq_len={max_seq_len}")
+            raise BadInput(f"prompt too long: {used} tokens of conversation so far + {len(ids)} new + "
+                           f"max_new_tokens={max_new_tokens} + {pictures} for max_new_images={max_new_images} "
+                           f"> max_seq_len={max_seq_len}")
         pieces, self.cache = self.model.generate(ids.to(self.dev), slots.to(self.dev), visual, max_new_tokens,
                                                  temperature, top_p, self.generator, self.cache, max_new_images)
         decode = lambda ids: self.model.tokenizer.decode(ids, skip_special_tokens=True)
@@ -161,7 +162,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
-    main()
+    run_main(main)

@@ -109,7 +109,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
-    main()
+    run_main(main)

@@ -35,8 +35,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import TokenCache, save_atomically, save_checkpoint, setup_distributed, wants_bf16
+from configurator import MissingFile
 from data import load_mixture
-from encode import CacheMismatch, cached_paths, check_meta, fill_cache, finish_cache, load_image
+from encode import cached_paths, check_meta, fill_cache, finish_cache, load_image
 from toy.scenes import names_toy_scenes, scene_agreement
 from visualizer import Decoder, Visualizer, decode_tokens, grid, load_vae
 
@@ -91,8 +92,8 @@ def new_decoder(token_dim, latent_channels=4):
     """SD-1.5's UNet and noise schedule from sd_path, or a fresh UNet from decoder_unet; a new projector."""
     if sd_path:
         if not os.path.isdir(os.path.join(sd_path, "unet")):
-            raise FileNotFoundError(f"no Stable Diffusion UNet at {sd_path}/unet: put a local snapshot of "
-                                    "stable-diffusion-v1-5 there (unet/, scheduler/, vae/), or set sd_path=\"\"")
+            raise MissingFile(f"no Stable Diffusion UNet at {sd_path}/unet: put a local snapshot of "
+                              "stable-diffusion-v1-5 there (unet/, scheduler/, vae/), or set sd_path=\"\"")
         unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
         noise_scheduler = DDPMScheduler.from_pretrained(sd_path, subfolder="scheduler")
         assert decoder_spatial_channels == 0, "SD-1.5's UNet takes the latents alone: set decoder_spatial_channels=0"
@@ -323,10 +324,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
-    try:
-        main()
-    except CacheMismatch as e:
-        raise SystemExit(f"error: {e}") from None
+    run_main(main)

@@ -25,6 +25,7 @@ from data import batch_loader, length_grouped_batches, read_jsonl, stage_data
 from common import (built_in_shards, deepspeed_settings, finish_distributed, keep_latest_deepspeed_checkpoint,
                     load_dtype, open_token_cache, partitioned, save_checkpoint, setup_distributed, wants_bf16,
                     whole_state_dict)
+from configurator import ConfigError
 from model import MetaMorph, build_sample
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -311,8 +312,8 @@ def main():
                                                                    if not k.startswith("_")})
     unknown = sorted(set(vpit_lead_in_frozen) - FREEZABLE)
     if unknown:
-        raise SystemExit(f"error: vpit_lead_in_frozen names no part of the model: {', '.join(unknown)} "
-                         f"(parts: {', '.join(sorted(FREEZABLE))})")
+        raise ConfigError(f"vpit_lead_in_frozen names no part of the model: {', '.join(unknown)} "
+                          f"(parts: {', '.join(sorted(FREEZABLE))})")
     stage_dir = os.path.join(out_dir, "vpit")
     if os.path.exists(os.path.join(stage_dir, "metamorph.json")):
         return print(f"{stage_dir} already holds the finished stage 2: delete it to train again")
@@ -325,7 +326,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
-    main()
+    run_main(main)

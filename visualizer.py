@@ -18,6 +18,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
+from configurator import MissingFile
+
 
 class Decoder(nn.Module):
     """What trains: the projector (Sec. 2.3: Linear -> LayerNorm -> ReLU -> Linear -> LayerNorm) from visual tokens to
@@ -74,8 +76,8 @@ class Decoder(nn.Module):
 
 def load_vae(path):
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"VAE not found at {path}: make the toy stand-in: `python -m toy.pretrain_tiny`, or "
-                                "point vae_path at Stable Diffusion 1.5's vae/ folder")
+        raise MissingFile(f"VAE not found at {path}: make the toy stand-in: `python -m toy.pretrain_tiny`, or "
+                          "point vae_path at Stable Diffusion 1.5's vae/ folder")
     return AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
 
 
@@ -89,8 +91,8 @@ class Visualizer:
 def load_visualizer(decoder_dir, vae_path, device="cpu"):
     """The trained decoder (out_dir/decoder) and the frozen VAE, ready for decode_tokens."""
     if not os.path.exists(os.path.join(decoder_dir, "decoder.json")):
-        raise FileNotFoundError(f"no trained diffusion decoder at {decoder_dir}: train it with "
-                                "`python train_decoder.py` (with the same config)")
+        raise MissingFile(f"no trained diffusion decoder at {decoder_dir}: train it with "
+                          "`python train_decoder.py` (with the same config)")
     return Visualizer(Decoder.from_pretrained(decoder_dir).to(device).eval(), load_vae(vae_path).to(device), device)
 
 

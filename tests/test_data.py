@@ -60,7 +60,7 @@ def test_a_bad_row_is_an_error_naming_file_and_line(micro, tokenizer, cache, tmp
     missing = json.loads(good)
     missing["images"] = ["nowhere.png"]
     path.write_text(json.dumps(missing) + "\n")
-    with pytest.raises(KeyError, match="task.jsonl, line 1: image nowhere.png is not in the token cache"):
+    with pytest.raises(FileNotFoundError, match="task.jsonl, line 1: image nowhere.png is not in the token cache"):
         Conversations([(str(path), -1)], tokenizer, cache, 4096)[0]
 
 

@@ -102,11 +102,13 @@ def test_clear_errors(micro_run, micro, tmp_path):
              ["--prompt", "a long prompt " * 50, "--max_seq_len=64"]]
     with ThreadPoolExecutor(2) as pool:
         untrained, corrupt, missing, too_long = pool.map(lambda a: run("sample.py", *common, *a, check=False), cases)
-    assert untrained.returncode != 0 and "python train_vpit.py" in untrained.stderr
-    assert str(tmp_path) in untrained.stderr
-    assert corrupt.returncode != 0 and "cannot read image" in corrupt.stderr and str(bad) in corrupt.stderr
+    for out in (untrained, corrupt, missing, too_long):  # a user's mistake: one line on stderr, exit 2, no traceback
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.splitlines()[-1].startswith("error: "), out.stderr[-2000:]
+    assert "python train_vpit.py" in untrained.stderr and str(tmp_path) in untrained.stderr
+    assert "cannot read image" in corrupt.stderr and str(bad) in corrupt.stderr
     assert "image not found" in missing.stderr
-    assert too_long.returncode != 0 and "prompt too long" in too_long.stderr and "max_seq_len=64" in too_long.stderr
+    assert "prompt too long" in too_long.stderr and "max_seq_len=64" in too_long.stderr
 
 
 def test_the_length_check_leaves_room_for_every_picture_a_reply_may_draw(session, monkeypatch):

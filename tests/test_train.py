@@ -66,7 +66,7 @@ def test_lead_in_trains_first_and_stage2_starts_from_it(micro, tmp_path):
     args = [*stage_args(micro, out), *STAGE2[:-1], "--vpit_init=adapter", "--vpit_lead_in={'generation': 8}",
             "--vpit_lead_in_epochs=2", "--vpit_lead_in_lr=0.001", "--vpit_lead_in_frozen=adapter"]
     bad = run("train_vpit.py", *args, "--vpit_lead_in_frozen=adaptor", check=False)
-    assert bad.returncode != 0 and "names no part of the model" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "names no part of the model" in bad.stderr and "Traceback" not in bad.stderr
     run("train_vpit.py", *args)
     assert [r["lr"] for r in curve(out, "vpit_lead_in")] == pytest.approx([0.001, 0.001])  # 8 conversations, 2 epochs
     assert len(curve(out)) == 4  # stage 2: 32 conversations at batch 8
@@ -219,6 +219,24 @@ def test_a_malformed_sample_is_an_error_naming_file_and_line(tmp_path, sample, e
     path.write_text(json.dumps(good) + "\n" + json.dumps(sample) + "\n")
     with pytest.raises(ValueError, match=f"task.jsonl, line 2.*{error}"):
         read_jsonl(str(path))
+
+
+def test_an_image_missing_from_the_token_cache_is_one_line_and_exit_2(micro, tmp_path):
+    """A user's mistake that a DataLoader worker meets mid-epoch (a conversation added after encode.py ran) ends as
+    one on the command line does: one line on stderr naming file and line, exit status 2, no traceback."""
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(os.path.join(micro["data_dir"], split), data / split)
+    captions = data / "train" / "caption.jsonl"
+    rows = captions.read_text().splitlines()
+    added = {**json.loads(rows[0]), "images": ["images/nowhere.png"]}
+    captions.write_text("\n".join(rows + [json.dumps(added)]) + "\n")
+    out = fresh_out(micro, tmp_path, "missing")
+    failed = run("train_adapter.py", *stage_args(micro, out), f"--data_dir={data}", "--adapter_val=2",
+                 "--micro_batch_size=4", "--adapter_batch_size=8", "--adapter_epochs=1", check=False)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert failed.stderr.splitlines()[-1] == (f"error: {captions}, line {len(rows) + 1}: image images/nowhere.png is "
+                                              f"not in the token cache {out}/tokens: run `python encode.py`")
 
 
 ZERO3_BUILD = """

@@ -38,7 +38,7 @@ from transformers import AutoTokenizer
 
 import encode
 from common import open_token_cache, wants_bf16
-from configurator import ROOT
+from configurator import ROOT, MissingFile
 from data import Conversations, batch_loader, length_grouped_batches, load_mixture, random_batches, stage_data
 from model import IMAGE, IMAGE_END, IMAGE_START, MetaMorph, build_sample
 
@@ -358,7 +358,7 @@ def launch(root, index_dir, draws):
 
 def bench_scale():
     if not os.path.exists(os.path.join(smol_path, "tokenizer_config.json")):
-        raise FileNotFoundError(f"no SmolLM2 tokenizer at {smol_path}: run `python -m tools.prepare_smol` first")
+        raise MissingFile(f"no SmolLM2 tokenizer at {smol_path}: run `python -m tools.prepare_smol` first")
     root = os.path.join(out_dir, "bench", "scale")
     start = time.time()
     spec = {"conversations": conversations, "scale_images": scale_images, "seed": seed, "mix": MIX,
@@ -387,12 +387,12 @@ def bench_scale():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
     torch.manual_seed(seed)
-    result = {"batching": bench_batching, "generation": bench_generation, "scale": bench_scale,
-              "encode": bench_encode}[what]()
+    result = run_main({"batching": bench_batching, "generation": bench_generation, "scale": bench_scale,
+                       "encode": bench_encode}[what])
     os.makedirs(os.path.join(out_dir, "bench"), exist_ok=True)
     name = what + (f"-{os.path.basename(bench_llm_path.rstrip('/'))}" if what == "generation" and bench_llm_path else "")
     json.dump(result, open(os.path.join(out_dir, "bench", f"{name}.json"), "w"), indent=1)

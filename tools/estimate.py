@@ -13,6 +13,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+from configurator import BadInput, MissingFile
 from data import INDEX_BYTES_PER_CONVERSATION
 from model import mlp
 
@@ -66,7 +67,7 @@ def llm_config(llm_path):
         if size in name:
             source = f"built-in Llama-3.1-{size.upper()} config ({llm_path} not found)"
             return LlamaConfig(**LLAMA_31, **shape), source
-    raise FileNotFoundError(f"LLM not found at {llm_path}, and its name says neither 8B nor 70B for a built-in config")
+    raise MissingFile(f"LLM not found at {llm_path}, and its name says neither 8B nor 70B for a built-in config")
 
 
 def count_params(config, vision_dim):
@@ -133,8 +134,8 @@ def token_cache(counts, images_per_conversation, num_visual_tokens, vision_dim):
     its index entry. counts: task -> conversations."""
     unknown = sorted(set(counts) - set(images_per_conversation))
     if unknown:
-        raise ValueError(f"images_per_conversation has no count for {unknown}: add how many images such a "
-                         "conversation holds")
+        raise BadInput(f"images_per_conversation has no count for {unknown}: add how many images such a "
+                       "conversation holds")
     images = sum(n * images_per_conversation[task] for task, n in counts.items())
     return images, images * (num_visual_tokens * vision_dim * 2 + CACHE_INDEX_BYTES_PER_IMAGE)
 
@@ -230,6 +231,6 @@ def report(llm_path, vision_dim, num_visual_tokens, cfg):
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
     knobs = configure(globals())  # first: it sets llm_path and num_visual_tokens too
-    report(llm_path, None, num_visual_tokens, knobs)
+    run_main(report, llm_path, None, num_visual_tokens, knobs)

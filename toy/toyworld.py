@@ -122,7 +122,7 @@ def scene_reader_accuracy(scenes):
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, run_main
 
     configure(globals())
-    main()
+    run_main(main)
