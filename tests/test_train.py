@@ -233,7 +233,7 @@ def test_an_image_missing_from_the_token_cache_is_one_line_and_exit_2(micro, tmp
     captions.write_text("\n".join(rows + [json.dumps(added)]) + "\n")
     out = fresh_out(micro, tmp_path, "missing")
     failed = run("train_adapter.py", *stage_args(micro, out), f"--data_dir={data}", "--adapter_val=2",
-                 "--micro_batch_size=4", "--adapter_batch_size=8", "--adapter_epochs=1", check=False)
+                 "--micro_batch_size=4", "--adapter_batch_size=8", "--adapter_epochs=1", "--data_workers=1", check=False)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     assert failed.stderr.splitlines()[-1] == (f"error: {captions}, line {len(rows) + 1}: image images/nowhere.png is "
                                               f"not in the token cache {out}/tokens: run `python encode.py`")
