@@ -7,6 +7,7 @@ import time
 import pytest
 
 import pipeline
+from configurator import BadInput
 
 FAKE_STAGE = """import json, os, sys, time
 start = time.time()
@@ -90,7 +91,7 @@ def test_toy_world_is_done_when_its_last_file_records_the_recipe_in_force(tmp_pa
     json.dump({"recipe": recipe}, open(done, "w"))
     assert not world_runs()
     json.dump({"recipe": {**recipe, "toy_vpit_text": {}}}, open(done, "w"))
-    with pytest.raises(SystemExit, match=r"other toy-world knobs .*\(toy_vpit_text\)"):
+    with pytest.raises(BadInput, match=r"other toy-world knobs .*\(toy_vpit_text\)"):
         pipeline.plan()
     config = tmp_path / "bigger.py"
     config.write_text("toy_vpit_text = {}\n")  # the same knobs, set by the config the pipeline runs
