@@ -49,7 +49,8 @@ def stages():
     return toy + [("encode.py", None, True, [out("tokens")]),
                   ("train_adapter.py", out("adapter", "metamorph.json"), True, [out("ckpt", "adapter")]),
                   ("train_vpit.py", out("vpit", "metamorph.json"), True,
-                   [out("vpit_lead_in"), out("ckpt", "vpit_lead_in"), out("ckpt", "vpit")]),
+                   [out(phase) for phase in ("vpit_lead_in", "vpit_mix")] +
+                   [out("ckpt", phase) for phase in ("vpit_lead_in", "vpit_mix", "vpit")]),
                   ("train_decoder.py", out("decoder", "decoder.json"), True, [out("latents"), out("ckpt", "decoder")]),
                   ("eval.py", out("eval", "report.md"), False, [])]
 

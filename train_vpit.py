@@ -41,6 +41,8 @@ vpit_lead_in = {}  # a mixture trained alone, for vpit_lead_in_epochs, before vp
 vpit_lead_in_epochs = 1  # tools/ablate.py's equal-steps runs use the lead-in to give every mix the same number of steps
 vpit_lead_in_lr = 0.0  # the lead-in's constant learning rate (0.0: vpit_lr)
 vpit_lead_in_frozen = []  # parts the lead-in leaves as they start, e.g. ["adapter"]: stage 1's reading of pictures
+vpit_lead_out = {}  # a mixture trained after vpit_data, for one epoch ({}: none, the paper's recipe)
+vpit_lead_out_lr = 0.0  # the lead-out's peak learning rate, warmed up and decayed as the mix's (0.0: vpit_lr)
 vpit_lr = 3e-4  # the toy's (Tab. 2's 6.93e-5 is in configs/8b.py; why: docs/devlog.md)
 vpit_weight_decay = 0.0  # Tab. 2
 vpit_batch_size = 16  # global batch, in conversations (Tab. 2's 1536 is in configs/8b.py; docs/devlog.md)
@@ -241,19 +243,27 @@ def exact_match(model, samples, cache, dev, lockstep=False, limit=200, batch_siz
     return right / max(1, len(samples))
 
 
-def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
+def phases():
+    """Stage 2's phases in order, (name, mixture, epochs, lr, decay, frozen parts): the lead-in if any, which keeps its
+    learning rate after the warm-up (the toy learns to draw only under a sustained one) and leaves the parts
+    vpit_lead_in_frozen names as they start; the mix; the lead-out if any. The last one is saved as out_dir/vpit."""
+    lead_in = [("vpit_lead_in", vpit_lead_in, vpit_lead_in_epochs, vpit_lead_in_lr or vpit_lr, False,
+                vpit_lead_in_frozen)] if vpit_lead_in else []
+    lead_out = [("vpit", vpit_lead_out, 1, vpit_lead_out_lr or vpit_lr, True, [])] if vpit_lead_out else []
+    return lead_in + [("vpit_mix" if lead_out else "vpit", vpit_data, vpit_epochs, vpit_lr, True, [])] + lead_out
+
+
+def run_stage(name, start, mixture, epochs, lr, decay, frozen, rank, world, dev):
     """Train on mixture for epochs into out_dir/<name> (a MetaMorph folder), from start or, if empty, the LLM and
-    stage 1's heads; resumes from out_dir/ckpt/<name>. The lead-in keeps its learning rate (vpit_lead_in_lr) after the
-    warm-up (the toy learns to draw only under a sustained one), leaves the parts vpit_lead_in_frozen names as they
-    start, and skips stage 2's closing report (val losses, image_qa exact match). Returns whether it finished (not:
-    stopped by stop_after)."""
+    stage 1's heads, leaving the parts named in frozen as they start; resumes from out_dir/ckpt/<name>. The last phase
+    (out_dir/vpit) ends with stage 2's closing report (val losses, image_qa exact match). Returns whether it finished
+    (not: stopped by stop_after)."""
     stage_dir, tokens_dir, ckpt = (os.path.join(out_dir, p) for p in (name, "tokens", f"ckpt/{name}"))
-    lr = vpit_lead_in_lr if lead_in and vpit_lead_in_lr else vpit_lr
     hp = dict(lr=lr, weight_decay=vpit_weight_decay, batch_size=vpit_batch_size, micro_batch_size=micro_batch_size,
               epochs=epochs, warmup_ratio=vpit_warmup_ratio, grad_clip=grad_clip, dtype=dtype,
               vision_loss_weight=vision_loss_weight, vision_loss=vision_loss, drawn_token_dropout=drawn_token_dropout,
               deepspeed_config=deepspeed_config, log_interval=log_interval, eval_interval=eval_interval,
-              stop_after=stop_after, seed=seed, ckpt_interval=ckpt_interval, out_dir=out_dir, decay=not lead_in,
+              stop_after=stop_after, seed=seed, ckpt_interval=ckpt_interval, out_dir=out_dir, decay=decay,
               data_workers=data_workers)
     with built_in_shards(hp, world, dev):
         if os.path.exists(os.path.join(ckpt, "trainer.pt")):
@@ -271,9 +281,8 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
         model.llm.gradient_checkpointing_enable()
     train_set, val_sets = stage_data(data_dir, mixture, vpit_val, model.tokenizer, tokens_dir, max_seq_len,
                                      num_visual_tokens, index_dir=os.path.join(out_dir, "data_index"))
-    if lead_in:
-        for part in vpit_lead_in_frozen:
-            getattr(model, part).requires_grad_(False)
+    for part in frozen:
+        getattr(model, part).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]  # everything but the vision tower (not in here)
     if rank == 0:
         print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {len(train_set)} "
@@ -286,7 +295,7 @@ def run_stage(name, start, mixture, epochs, rank, world, dev, lead_in=False):
     state = whole_state_dict(engine)
     if rank == 0:  # saved first: nothing in the report below can lose the trained model
         model.save_pretrained(stage_dir, state)
-    if not lead_in and (rank == 0 or partitioned(engine)):  # rank 0 alone, but a ZeRO-3 forward needs every rank
+    if name == "vpit" and (rank == 0 or partitioned(engine)):  # rank 0 alone, but a ZeRO-3 forward needs every rank
         results["val"] = val_losses(model, val_sets, micro_batch_size, dev, contextlib.nullcontext())
         if "image_qa" in val_sets:  # the first questions of 200 val conversations (64 would be +-6 points)
             results["image_qa_exact_match"] = exact_match(
@@ -317,11 +326,12 @@ def main():
     stage_dir = os.path.join(out_dir, "vpit")
     if os.path.exists(os.path.join(stage_dir, "metamorph.json")):
         return print(f"{stage_dir} already holds the finished stage 2: delete it to train again")
-    start = os.path.join(out_dir, "vpit_lead_in") if vpit_lead_in else ""  # "": from the LLM + stage 1's heads
-    lead_in_done = not start or os.path.exists(os.path.join(start, "metamorph.json")) or \
-        run_stage("vpit_lead_in", "", vpit_lead_in, vpit_lead_in_epochs, rank, world, dev, lead_in=True)
-    if lead_in_done:  # (not done: stopped by stop_after; the next run resumes it)
-        run_stage("vpit", start, vpit_data, vpit_epochs, rank, world, dev)
+    start = ""  # the first phase starts from the LLM + stage 1's heads, each later one from the phase before
+    for name, mixture, epochs, lr, decay, frozen in phases():
+        done = os.path.exists(os.path.join(out_dir, name, "metamorph.json"))
+        if not done and not run_stage(name, start, mixture, epochs, lr, decay, frozen, rank, world, dev):
+            break  # stopped by stop_after: the next run resumes it
+        start = os.path.join(out_dir, name)
     finish_distributed(deepspeed_config)
 
 

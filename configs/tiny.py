@@ -21,3 +21,8 @@ vpit_lead_in_epochs = 8
 vpit_lead_in_lr = 1e-3
 vpit_lead_in_frozen = ["adapter"]
 drawn_token_dropout = 0.5
+# A fourth: after the mix, a short lead-out leaning on generation (all 4,000 pairs with 3,500 of the mix's other
+# conversations; 469 steps), peaking at a third of the mix's lr: over two seeds, held-out compositions drawn +3 to +5
+# points, video_qa +2 to +5, image_qa and visual_thinking kept or better (docs/devlog.md, (fifteenth))
+vpit_lead_out = {"generation": -1, "image_qa": 2000, "visual_thinking": 500, "video_qa": 500, "text": 500}
+vpit_lead_out_lr = 1e-4

@@ -68,3 +68,4 @@ def test_departures_studies_are_the_equal_steps_runs_with_the_toys_departures(mo
     assert departed["vpit_lead_in_lr"] == ablate.ablate_lead_in_lr > 0
     assert paper["drawn_token_dropout"] == 0 and paper["vpit_lead_in_lr"] == 0 and paper["vpit_lead_in"] == {}
     assert departed["vpit_lead_in_frozen"] == paper["vpit_lead_in_frozen"] == []  # the tables' recipe: all trained
+    assert departed["vpit_lead_out"] == paper["vpit_lead_out"] == {}  # and no lead-out

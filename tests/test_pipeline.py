@@ -57,8 +57,9 @@ def test_done_stages_are_skipped_and_force_reruns_from_a_stage(fake_stages, monk
     again = fake_stages()
     assert again["encode.py"] != first["encode.py"] and {s: r for s, r in again.items() if s != "encode.py"} == \
         {s: r for s, r in first.items() if s != "encode.py"}
-    left = ["vpit_lead_in", "ckpt/vpit", "ckpt/vpit_lead_in", "ckpt/decoder", "latents", "ckpt/adapter"]
-    for folder in left:  # what a lead-in, an interrupted run and the decoder's latent cache leave behind
+    left = ["vpit_lead_in", "vpit_mix", "ckpt/vpit", "ckpt/vpit_lead_in", "ckpt/vpit_mix", "ckpt/decoder", "latents",
+            "ckpt/adapter"]
+    for folder in left:  # what a lead-in, a lead-out, an interrupted run and the decoder's latent cache leave behind
         os.makedirs(os.path.join(pipeline.out_dir, folder))
     monkeypatch.setattr(pipeline, "force", "train_vpit.py")
     assert [s for s, _ in pipeline.plan()] == ["encode.py", "train_vpit.py", "train_decoder.py", "eval.py"]

@@ -339,6 +339,6 @@ def test_stage2_trains_on_converted_pairs(micro, tmp_path):
     n_train = len(read_jsonl(str(data / "train" / "generation.jsonl")))
     run("train_vpit.py", f"--data_dir={data}", f"--out_dir={out}", f"--llm_path={llm}", "--vpit_init=",
         f"--vpit_data={{'generation': {n_train}}}", "--vpit_val=2", "--micro_batch_size=4", "--vpit_batch_size=8",
-        "--eval_interval=1000", "--vpit_lead_in={}")
+        "--eval_interval=1000", "--vpit_lead_in={}", "--vpit_lead_out={}")
     report = json.load(open(os.path.join(out, "logs", "vpit_report.json")))
     assert set(report["val"]) == {"generation"} and report["val"]["generation"]["vision_cos"] is not None

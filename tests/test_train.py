@@ -15,7 +15,8 @@ from common import TokenCache
 from model import MetaMorph
 
 STAGE2 = ["--vpit_data={'image_qa': 16, 'generation': 8, 'image_edit': 8}", "--vpit_val=2", "--micro_batch_size=4",
-          "--vpit_batch_size=8", "--log_interval=1", "--eval_interval=1000", "--vpit_lr=0.003", "--vpit_lead_in={}"]
+          "--vpit_batch_size=8", "--log_interval=1", "--eval_interval=1000", "--vpit_lr=0.003", "--vpit_lead_out={}",
+          "--vpit_lead_in={}"]
 
 
 def fresh_out(micro, tmp_path, name):
@@ -55,22 +56,27 @@ def test_stage1_then_stage2(micro, tmp_path):
     assert "already holds the finished stage 2" in rerun.stdout
 
 
-def test_lead_in_trains_first_and_stage2_starts_from_it(micro, tmp_path):
-    """configs/tiny.py's lead-in: vpit_lead_in trained alone, at its own constant lr and with stage 1's adapter frozen,
-    into out_dir/vpit_lead_in, which stage 2 then starts from at vpit_lr, training everything; a finished lead-in is
-    not trained again."""
+def test_lead_in_then_mix_then_lead_out_each_from_the_one_before(micro, tmp_path):
+    """configs/tiny.py's phases: vpit_lead_in trained alone, at its own constant lr and with stage 1's adapter frozen,
+    into out_dir/vpit_lead_in; the mix from it at vpit_lr, training everything, into out_dir/vpit_mix; the lead-out
+    from that at its own decaying lr into out_dir/vpit, with the closing report. A finished phase is not trained
+    again."""
     out = fresh_out(micro, tmp_path, "lead")
     stage1 = os.path.join(out, "adapter")  # stands in for stage 1's output: stage 2 takes its adapter
     dim = TokenCache(os.path.join(out, "tokens")).dim
     MetaMorph.from_llm(os.path.join(micro["base"], "llm"), dim).save_pretrained(stage1)
     args = [*stage_args(micro, out), *STAGE2[:-1], "--vpit_init=adapter", "--vpit_lead_in={'generation': 8}",
-            "--vpit_lead_in_epochs=2", "--vpit_lead_in_lr=0.001", "--vpit_lead_in_frozen=adapter"]
+            "--vpit_lead_in_epochs=2", "--vpit_lead_in_lr=0.001", "--vpit_lead_in_frozen=adapter",
+            "--vpit_lead_out={'generation': 16}", "--vpit_lead_out_lr=0.002"]
     bad = run("train_vpit.py", *args, "--vpit_lead_in_frozen=adaptor", check=False)
     assert bad.returncode == 2 and "names no part of the model" in bad.stderr and "Traceback" not in bad.stderr
     run("train_vpit.py", *args)
     assert [r["lr"] for r in curve(out, "vpit_lead_in")] == pytest.approx([0.001, 0.001])  # 8 conversations, 2 epochs
-    assert len(curve(out)) == 4  # stage 2: 32 conversations at batch 8
-    assert max(r["lr"] for r in curve(out)) == pytest.approx(0.003)  # vpit_lr, decaying
+    assert len(curve(out, "vpit_mix")) == 4  # the mix: 32 conversations at batch 8
+    assert max(r["lr"] for r in curve(out, "vpit_mix")) == pytest.approx(0.003)  # vpit_lr, decaying
+    assert [r["lr"] for r in curve(out)] == pytest.approx([0.002, 0.002])  # the lead-out: 16 conversations
+    report = lambda phase: json.load(open(os.path.join(out, "logs", f"{phase}_report.json")))
+    assert "val" in report("vpit") and "val" not in report("vpit_mix")  # the closing report: the last phase's alone
     lead_in = os.path.join(out, "vpit_lead_in")
     before, led, after = (MetaMorph.from_pretrained(os.path.join(out, d)) for d in ("adapter", "vpit_lead_in", "vpit"))
     assert all(torch.equal(a, b) for a, b in zip(before.adapter.parameters(), led.adapter.parameters()))
@@ -80,9 +86,9 @@ def test_lead_in_trains_first_and_stage2_starts_from_it(micro, tmp_path):
     with torch.no_grad():
         marked.vision_head[2].bias.fill_(7.0)
     marked.save_pretrained(lead_in)
-    shutil.rmtree(os.path.join(out, "vpit"))
-    os.remove(os.path.join(out, "logs", "vpit.jsonl"))
-    run("train_vpit.py", *args, "--vpit_lr=0.0")  # lr 0: stage 2 ends where it started
+    for phase in ("vpit_mix", "vpit"):
+        shutil.rmtree(os.path.join(out, phase))
+    run("train_vpit.py", *args, "--vpit_lr=0.0", "--vpit_lead_out_lr=0.0")  # lr 0: each phase ends where it started
     assert len(curve(out, "vpit_lead_in")) == 2
     final = MetaMorph.from_pretrained(os.path.join(out, "vpit"))
     assert torch.equal(final.vision_head[2].bias, torch.full_like(final.vision_head[2].bias, 7.0))

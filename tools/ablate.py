@@ -97,8 +97,8 @@ def run(name, mixture, extra, seed):
     if not os.path.exists(os.path.join(run_dir, "vpit", "metamorph.json")):
         print(f"\n=== {name}: stage 2 on {mixture}", flush=True)
         stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", "--vpit_lead_in={}",
-              "--drawn_token_dropout=0.0", "--vpit_lead_in_lr=0.0", "--vpit_lead_in_frozen=[]", f"--seed={seed}",
-              *extra)  # (a later --key wins)
+              "--vpit_lead_out={}", "--drawn_token_dropout=0.0", "--vpit_lead_in_lr=0.0", "--vpit_lead_in_frozen=[]",
+              f"--seed={seed}", *extra)  # (a later --key wins)
     if train_only:
         return None
     stage("eval.py", f"--out_dir={run_dir}", f"--eval_understanding={ablate_eval_understanding}",
