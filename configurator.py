@@ -60,6 +60,7 @@ def run_main(main, *args):
         # raised in a DataLoader worker, it comes back with the worker's traceback first: its last line is the error
         message = str(e).strip().splitlines()[-1]
         message = message.removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+        e.__traceback__ = None  # its frames go now: a DataLoader in them stops its workers at once, not 5 s each in gc
     gc.collect()  # the error's frames are let go: a progress bar they held closes its line before the message
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
