@@ -16,7 +16,6 @@ traceback.
 """
 import ast
 import difflib
-import gc
 import io
 import os
 import sys
@@ -60,8 +59,8 @@ def run_main(main, *args):
         # raised in a DataLoader worker, it comes back with the worker's traceback first: its last line is the error
         message = str(e).strip().splitlines()[-1]
         message = message.removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
-        e.__traceback__ = None  # its frames go now: a DataLoader in them stops its workers at once, not 5 s each in gc
-    gc.collect()  # the error's frames are let go: a progress bar they held closes its line before the message
+        # its frames go now, before the message: a progress bar in them closes its line, a DataLoader stops its workers
+        e.__traceback__ = None  # (left to a gc pass, each worker would take 5 s to stop)
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
