@@ -21,8 +21,9 @@ vpit_lead_in_epochs = 8
 vpit_lead_in_lr = 1e-3
 vpit_lead_in_frozen = ["adapter"]
 drawn_token_dropout = 0.5
-# A fourth: after the mix, a short lead-out leaning on generation (all 4,000 pairs with 3,500 of the mix's other
-# conversations; 469 steps), peaking at a third of the mix's lr: over two seeds, held-out compositions drawn +3 to +5
-# points, video_qa +2 to +5, image_qa and visual_thinking kept or better (docs/devlog.md, (fifteenth))
+# A fourth: after the mix, a short lead-out (469 steps, warmed up and decayed again) peaking at a third of the mix's
+# lr, here leaning on generation (all 4,000 pairs with 3,500 of the mix's other conversations): over three seeds,
+# held-out compositions drawn +2.9 points, video_qa +5.5, image_qa and visual_thinking kept or better; the same steps
+# in the mix's own proportions do about as well (docs/devlog.md, (fifteenth) and (sixteenth))
 vpit_lead_out = {"generation": -1, "image_qa": 2000, "visual_thinking": 500, "video_qa": 500, "text": 500}
 vpit_lead_out_lr = 1e-4
