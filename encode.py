@@ -88,10 +88,11 @@ def interpolate_tokens(features, num_tokens=64):
 @torch.no_grad()  # not inference_mode: the tokens become training targets, which autograd must be able to save
 def visual_tokens(vision_model, pixel_values, num_tokens=64):
     """Sec. 2: pixel_values (B, 3, H, W) -> float32 (B, num_tokens, d) visual tokens. The features are the last
-    encoder layer, hidden_states[-1], taken *before* post_layernorm, as in the released code."""
+    encoder layer's, taken *before* post_layernorm, as in the released code: the tower runs without post_layernorm
+    and its pooling head, which would only be thrown away (BENCHMARKS.md, "Encoding")."""
     weight = next(vision_model.parameters())
-    out = vision_model(pixel_values.to(weight.device, weight.dtype), output_hidden_states=True)
-    return interpolate_tokens(out.hidden_states[-1], num_tokens)
+    patches = vision_model.embeddings(pixel_values.to(weight.device, weight.dtype))
+    return interpolate_tokens(vision_model.encoder(inputs_embeds=patches).last_hidden_state, num_tokens)
 
 
 def image_tokens(vision_model, processor, images, num_tokens=64):

@@ -105,9 +105,9 @@ def test_tokens_use_last_layer_before_post_layernorm(tiny_tower):
     post_layernorm = next(m for name, m in model.named_modules() if name.endswith("post_layernorm"))
     post_layernorm.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
     pixels = torch.randn(2, 3, 64, 64)
-    tokens = encode.visual_tokens(model, pixels)
-    assert torch.allclose(tokens, encode.interpolate_tokens(captured["x"], 64), atol=1e-6)
-    after_layernorm = encode.interpolate_tokens(model(pixels).last_hidden_state.detach(), 64)
+    after_layernorm = encode.interpolate_tokens(model(pixels).last_hidden_state.detach(), 64)  # the whole tower
+    tokens = encode.visual_tokens(model, pixels)  # (which runs without post_layernorm and the head)
+    assert torch.allclose(tokens, encode.interpolate_tokens(captured["x"].detach(), 64), atol=1e-6)
     assert not torch.allclose(tokens, after_layernorm, atol=1e-3)
 
 
