@@ -69,3 +69,14 @@ def test_departures_studies_are_the_equal_steps_runs_with_the_toys_departures(mo
     assert paper["drawn_token_dropout"] == 0 and paper["vpit_lead_in_lr"] == 0 and paper["vpit_lead_in"] == {}
     assert departed["vpit_lead_in_frozen"] == paper["vpit_lead_in_frozen"] == []  # the tables' recipe: all trained
     assert departed["vpit_lead_out"] == paper["vpit_lead_out"] == {}  # and no lead-out
+
+
+def test_tab3_departures_is_cosine_against_l1_on_the_same_mix_and_steps():
+    """The cosine run is tab4_departures' own (trained once for both tables); the L1 run differs in the loss alone."""
+    cosine, l1 = ablate.STUDIES["tab3_departures"][1]
+    assert cosine in ablate.STUDIES["tab4_departures"][1] and l1[0] != cosine[0] and l1[1] == cosine[1]
+    knobs = [configure(dict(vars(train_vpit)), [*extra, f"--vpit_data={mixture}"])
+             for _, mixture, extra in (cosine, l1)]
+    assert (knobs[0]["vision_loss"], knobs[1]["vision_loss"]) == ("cosine", "l1")
+    same = ("vpit_lead_in", "vpit_lead_in_epochs", "vpit_batch_size", "drawn_token_dropout", "vpit_lead_in_lr")
+    assert all(knobs[0][k] == knobs[1][k] for k in same) and knobs[1]["drawn_token_dropout"] > 0

@@ -7,12 +7,12 @@ each run with eval.py, and write a markdown table and a bar chart per study.
 
 Every run is a real `python train_vpit.py` (one epoch over its mix, as the paper trains, without the toy config's
 generation lead-in and drawn-token dropout; tab4_steps and tab6_steps instead train each mix for the same number of
-steps, enough for the toy to draw; tab4_departures and tab6_departures are those two with configs/tiny.py's
-drawn-token dropout, without which no toy run draws an object, and its lead-in's learning rate for the constant
-phase) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1 adapter and decoder (the decoder never
-sees the LLM, so one serves every run); a run already evaluated is not run again. Each run is made once per seed in
-ablate_seeds (the order of the data); a table shows the mean and, after "±", half the spread (max - min) of the
-seeds. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
+steps, enough for the toy to draw; tab4_departures and tab6_departures are those two with configs/tiny.py's drawn-token
+dropout, without which no toy run draws an object, and its lead-in's learning rate for the constant phase;
+tab3_departures is Tab. 3's pair trained that way) in out_dir/ablate/<run>/, sharing the main run's token cache, stage-1
+adapter and decoder (the decoder never sees the LLM, so one serves every run); a run already evaluated is not run again.
+Each run is made once per seed in ablate_seeds (the order of the data); a table shows the mean and, after "±", half the
+spread (max - min) of the seeds. Results go to ablate_dir/<study>.md and .png and are listed in ablate_dir/README.md.
 """
 import json
 import os
@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw
 # ---------------------------------------------------------------------------------------------------------------------
 out_dir = "out/tiny"  # the finished main run: its tokens/, adapter/ and decoder/ are shared
 ablate_dir = "ablations"  # tables and charts (committed); the runs themselves go to out_dir/ablate/<run>
-studies = ["tab4_steps", "tab6_steps", "tab3", "tab4_departures", "tab6_departures"]  # also "tab4", "tab5", "tab6":
-# one epoch per mix, as the paper
+studies = ["tab4_departures", "tab6_departures", "tab3_departures", "tab3", "tab4_steps", "tab6_steps"]  # also "tab4",
+# "tab5", "tab6": one epoch per mix, as the paper
 ablate_seeds = [1337, 1338]  # every run once per seed: a finding is a gap larger than the seeds' spread
 ablate_dropout = 0.5  # *_departures studies: drawn_token_dropout, as configs/tiny.py (docs/devlog.md)
 ablate_lead_in_lr = 1e-3  # *_departures studies: the constant phase's learning rate, as configs/tiny.py's lead-in
@@ -39,11 +39,12 @@ config_file = "configs/tiny.py"  # set by configure() to the config file in use;
 G, U = "generation", "image_qa"
 
 
-def equal_steps(name, mixture, batch_size=16):
+def equal_steps(name, mixture, extra=(), batch_size=16):
     """A run of about ablate_equal_steps optimizer steps on one mix, whatever its size: the mix as a constant-lr lead-in
     for as many epochs as that takes, then its usual one-epoch stage 2 (cosine decay)."""
     epochs = max(1, round(ablate_equal_steps * batch_size / sum(mixture.values())) - 1)
-    return f"{name}-{ablate_equal_steps}steps", mixture, [f"--vpit_lead_in={mixture}", f"--vpit_lead_in_epochs={epochs}",
+    return f"{name}-{ablate_equal_steps}steps", mixture, [*extra, f"--vpit_lead_in={mixture}",
+                                                          f"--vpit_lead_in_epochs={epochs}",
                                                           f"--vpit_batch_size={batch_size}"]  # the batch counted on
 
 
@@ -57,6 +58,7 @@ def with_departures(runs):
 
 TAB4 = [("gen500", {G: 500}, []), ("gen2000", {G: 2000}, []),
         ("gen500+qa4000", {G: 500, U: 4000}, []), ("gen2000+qa4000", {G: 2000, U: 4000}, [])]
+TAB3 = [("gen2000+qa4000", {G: 2000, U: 4000}, []), ("gen2000+qa4000-l1", {G: 2000, U: 4000}, ["--vision_loss=l1"])]
 TAB6 = [("gen500+qa1000", {G: 500, U: 1000}, []), ("gen2000+qa1000", {G: 2000, U: 1000}, []),
         ("gen500+qa4000", {G: 500, U: 4000}, []), ("gen2000+qa4000", {G: 2000, U: 4000}, [])]
 STUDIES = {  # study -> (title, [(run name, stage-2 mixture, extra train_vpit.py overrides)])
@@ -74,9 +76,10 @@ STUDIES = {  # study -> (title, [(run name, stage-2 mixture, extra train_vpit.py
                         "lead-in's lr): ~2,000 steps", with_departures([equal_steps(n, m) for n, m, _ in TAB4])),
     "tab6_departures": ("Tab. 6 / Findings 2-3 at equal steps, with the toy's departures (drawn-token dropout, the "
                         "lead-in's lr): ~2,000 steps", with_departures([equal_steps(n, m) for n, m, _ in TAB6])),
-    "tab3": ("Tab. 3: cosine vs L1 vision loss (generation 2000 + image_qa 4000)",
-             [("gen2000+qa4000", {G: 2000, U: 4000}, []),
-              ("gen2000+qa4000-l1", {G: 2000, U: 4000}, ["--vision_loss=l1"])]),
+    "tab3": ("Tab. 3: cosine vs L1 vision loss (generation 2000 + image_qa 4000)", TAB3),
+    "tab3_departures": ("Tab. 3: cosine vs L1 vision loss at equal steps, with the toy's departures (drawn-token "
+                        "dropout, the lead-in's lr): ~2,000 steps",
+                        with_departures([equal_steps(n, m, e) for n, m, e in TAB3])),
 }
 
 
