@@ -33,8 +33,9 @@ def test_a_table_shows_each_runs_mean_and_the_spread_of_its_seeds():
     merged = ablate.over_seeds(results)
     assert merged["run"] == "a" and merged["FD"] == (3.0, 1.0) and merged["x"] is None
     assert abs(merged["image_qa"][0] - 0.6) < 1e-9 and abs(merged["image_qa"][1] - 0.1) < 1e-9
-    text = ablate.table("t", [merged], [1, 2])
-    assert "| a | 60.0 ± 10.0 | 3.000 ± 1.000 | n/a |" in text and "2 seeds (1, 2)" in text
+    text = ablate.table("t", [merged], [1, 2], ["abc (day)", "abc (day)"])
+    assert "| a | 60.0 ± 10.0 | 3.000 ± 1.000 | n/a |" in text
+    assert "2 seeds (1, 2). Runs made at commit abc (day)." in text
 
 
 def test_each_seed_is_its_own_run(monkeypatch, tmp_path):
@@ -42,11 +43,13 @@ def test_each_seed_is_its_own_run(monkeypatch, tmp_path):
     monkeypatch.setattr(ablate.subprocess, "run", lambda command, check: calls.append(command))
     monkeypatch.setattr(ablate, "out_dir", str(tmp_path))
     monkeypatch.setattr(ablate, "train_only", True)
+    monkeypatch.setattr(ablate, "code_version", lambda: "abc (day)")
     for seed in (1, 2):
         ablate.run("gen500", {"generation": 500}, [], seed)
     trains = [c for c in calls if "train_vpit.py" in c]
     assert [next(a for a in c if a.startswith("--seed=")) for c in trains] == ["--seed=1", "--seed=2"]
     assert len({next(a for a in c if a.startswith("--out_dir=")) for c in trains}) == 2
+    assert ablate.made_at("gen500", 1) == "abc (day)" != ablate.made_at("gen500", 3)  # seed 3: never run
 
 
 def test_departures_studies_are_the_equal_steps_runs_with_the_toys_departures(monkeypatch, tmp_path):
@@ -60,6 +63,7 @@ def test_departures_studies_are_the_equal_steps_runs_with_the_toys_departures(mo
     monkeypatch.setattr(ablate.subprocess, "run", lambda command, check: calls.append(command))
     monkeypatch.setattr(ablate, "out_dir", str(tmp_path))
     monkeypatch.setattr(ablate, "train_only", True)
+    monkeypatch.setattr(ablate, "code_version", lambda: "abc (day)")
     name, mixture, extra = ablate.STUDIES["tab4_departures"][1][0]
     ablate.run(name, mixture, extra, 1)
     ablate.run("gen500", {"generation": 500}, [], 1)

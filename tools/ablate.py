@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -87,9 +88,28 @@ def stage(script, *args):
     subprocess.run([sys.executable, script, config_file, *args], check=True)
 
 
+def code_version():
+    """The commit the code is at, and the day: each run records it, so a table says which stand-ins and recipe made
+    it (a run already made is not made again when the recipe changes)."""
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], stderr=subprocess.DEVNULL, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        sha = "no git commit"
+    return f"{sha.strip()} ({time.strftime('%Y-%m-%d')})"
+
+
+def run_dir_of(name, seed):
+    return os.path.join(out_dir, "ablate", f"{name}-seed{seed}")
+
+
+def made_at(name, seed):
+    path = os.path.join(run_dir_of(name, seed), "made_at.txt")
+    return open(path).read().strip() if os.path.exists(path) else "unrecorded"
+
+
 def run(name, mixture, extra, seed):
     """Stage 2 on the mixture, then eval.py; returns its results.json (cached)."""
-    run_dir = os.path.join(out_dir, "ablate", f"{name}-seed{seed}")
+    run_dir = run_dir_of(name, seed)
     results = os.path.join(run_dir, "eval", "results.json")
     if os.path.exists(results):
         return json.load(open(results))
@@ -99,6 +119,7 @@ def run(name, mixture, extra, seed):
             os.symlink(os.path.abspath(os.path.join(out_dir, shared)), os.path.join(run_dir, shared))
     if not os.path.exists(os.path.join(run_dir, "vpit", "metamorph.json")):
         print(f"\n=== {name}: stage 2 on {mixture}", flush=True)
+        open(os.path.join(run_dir, "made_at.txt"), "w").write(code_version())
         stage("train_vpit.py", f"--out_dir={run_dir}", f"--vpit_data={mixture}", "--vpit_lead_in={}",
               "--vpit_lead_out={}", "--drawn_token_dropout=0.0", "--vpit_lead_in_lr=0.0", "--vpit_lead_in_frozen=[]",
               f"--seed={seed}", *extra)  # (a later --key wins)
@@ -132,14 +153,15 @@ def over_seeds(rows):
     return merged
 
 
-def table(title, rows, seeds):
+def table(title, rows, seeds, versions=()):
     keys = list(rows[0])
     scale = lambda k: 1 if "FD" in k or "cos" in k else 100
     digits = lambda k: 3 if scale(k) == 1 else 1
     fmt = lambda k, v: v if isinstance(v, str) else "n/a" if v is None else \
         f"{scale(k) * v[0]:.{digits(k)}f} ± {scale(k) * v[1]:.{digits(k)}f}"
-    return "\n".join([f"## {title}", "", f"Mean ± half the spread of {len(seeds)} seeds ({', '.join(map(str, seeds))}).",
-                      "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)] +
+    made = f" Runs made at commit {', '.join(sorted(set(versions)))}." if versions else ""
+    spread = f"Mean ± half the spread of {len(seeds)} seeds ({', '.join(map(str, seeds))}).{made}"
+    return "\n".join([f"## {title}", "", spread, "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)] +
                      ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]) + "\n"
 
 
@@ -180,7 +202,8 @@ def main():
         if train_only:
             continue
         rows = [over_seeds([row(name, mixture, r) for r in seeds]) for (name, mixture, _), seeds in zip(runs, results)]
-        markdown = table(title, rows, ablate_seeds)
+        versions = [made_at(name, seed) for name, _, _ in runs for seed in ablate_seeds]
+        markdown = table(title, rows, ablate_seeds, versions)
         open(os.path.join(ablate_dir, f"{study}.md"), "w").write(markdown)
         bar_chart(title, rows, ["image_qa", "drawn", "token cos", "generation object"],
                   os.path.join(ablate_dir, f"{study}.png"))
