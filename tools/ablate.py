@@ -49,12 +49,14 @@ def equal_steps(name, mixture, extra=(), batch_size=16):
                                                           f"--vpit_batch_size={batch_size}"]  # the batch counted on
 
 
-def with_departures(runs):
-    """The same runs with configs/tiny.py's drawn-token dropout (a drawn token read back as a blank in training) and
-    its lead-in's learning rate for the constant phase."""
-    return [(f"{name}-departures", mixture, extra + [f"--drawn_token_dropout={ablate_dropout}",
-                                                     f"--vpit_lead_in_lr={ablate_lead_in_lr}"])
-            for name, mixture, extra in runs]
+def departures_study(title, runs):
+    """A study of the runs at equal steps with configs/tiny.py's drawn-token dropout (a drawn token read back as a
+    blank in training) and its lead-in's learning rate for the constant phase: (title, runs)."""
+    return (f"{title} at equal steps, with the toy's departures (drawn-token dropout, the lead-in's lr): "
+            f"~{ablate_equal_steps:,} steps",
+            [(f"{name}-departures", mixture, extra + [f"--drawn_token_dropout={ablate_dropout}",
+                                                      f"--vpit_lead_in_lr={ablate_lead_in_lr}"])
+             for name, mixture, extra in (equal_steps(*r) for r in runs)])
 
 
 TAB4 = [("gen500", {G: 500}, []), ("gen2000", {G: 2000}, []),
@@ -73,14 +75,10 @@ STUDIES = {  # study -> (title, [(run name, stage-2 mixture, extra train_vpit.py
     "tab6": ("Tab. 6 / Findings 2-3: understanding-data size x generation-data size", TAB6),
     "tab6_steps": ("Tab. 6 / Findings 2-3 at equal steps: understanding x generation data, every run ~2,000 steps",
                    [equal_steps(name, mixture) for name, mixture, _ in TAB6]),
-    "tab4_departures": ("Tab. 4 / Finding 1 at equal steps, with the toy's departures (drawn-token dropout, the "
-                        "lead-in's lr): ~2,000 steps", with_departures([equal_steps(n, m) for n, m, _ in TAB4])),
-    "tab6_departures": ("Tab. 6 / Findings 2-3 at equal steps, with the toy's departures (drawn-token dropout, the "
-                        "lead-in's lr): ~2,000 steps", with_departures([equal_steps(n, m) for n, m, _ in TAB6])),
+    "tab4_departures": departures_study("Tab. 4 / Finding 1", TAB4),
+    "tab6_departures": departures_study("Tab. 6 / Findings 2-3", TAB6),
     "tab3": ("Tab. 3: cosine vs L1 vision loss (generation 2000 + image_qa 4000)", TAB3),
-    "tab3_departures": ("Tab. 3: cosine vs L1 vision loss at equal steps, with the toy's departures (drawn-token "
-                        "dropout, the lead-in's lr): ~2,000 steps",
-                        with_departures([equal_steps(n, m, e) for n, m, e in TAB3])),
+    "tab3_departures": departures_study("Tab. 3: cosine vs L1 vision loss", TAB3),
 }
 
 
