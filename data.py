@@ -319,6 +319,12 @@ def output_images(sample):
 OPTION_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA / Cambrian eval prompt
 
 
+def with_options(question, options):
+    """A multiple-choice question as the LLaVA / Cambrian evals pose it: lettered options, then OPTION_PROMPT."""
+    return question + "".join(f"\n{string.ascii_uppercase[i]}. {o}" for i, o in enumerate(options)) + \
+        f"\n{OPTION_PROMPT}"
+
+
 def normalize(text):
     """Lower case, punctuation and surrounding space removed, inner space collapsed."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))

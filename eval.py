@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common import TokenCache, trained_run
 from configurator import BadInput, MissingFile
-from data import OPTION_PROMPT, collate, is_correct, option_letter, output_images, questions, read_jsonl
+from data import collate, is_correct, option_letter, output_images, questions, read_jsonl, with_options
 from encode import image_tokens, load_image, load_vision_tower
 from model import IMAGE, MetaMorph, build_sample
 from toy.scenes import BACKGROUND, SIZE, describe, names_toy_scenes, scene_accuracy
@@ -153,7 +153,7 @@ def run_benchmark_file(model, tower, processor, dev):
         images = [images] if isinstance(images, str) else images
         if row.get("options"):
             letters = string.ascii_uppercase
-            question += "".join(f"\n{letters[i]}. {o}" for i, o in enumerate(row["options"])) + f"\n{OPTION_PROMPT}"
+            question = with_options(question, row["options"])
             options[k] = row["options"]
             answer = letters[answer] if isinstance(answer, int) else answer  # an index (ScienceQA's layout)
             if option_letter(str(answer), options[k]) is None:

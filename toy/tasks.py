@@ -3,6 +3,7 @@ Every data category of MetaMorph (PAPER.md Sec. 2.2, App. C) as toy-world conver
 ([human, gpt, human, gpt, ...] texts, images, meta). The turns of each kind are phrased in one place, so
 tools/prepare.py phrases real data the same way. Also the world knowledge (facts) and riddles made of it (Sec. 4.2-4.3).
 """
+from data import with_options
 from toy.scenes import (CENTRES, COLOURS, CORNERS, COLOUR_OF, HALF, HELDOUT_COMBOS, NUMBERS, POSITIONS, SHAPE_OF,
                         SHAPES, article, describe, phrase, position_name, random_object, random_scene, reference,
                         render, zoom)
@@ -95,9 +96,7 @@ def image_question(rng, scene, qtype):
     pool = {"colour": list(COLOURS), "shape": SHAPES, "position": POSITIONS}[key]
     options = rng.sample([p for p in pool if p != truth], min(3, len(pool) - 1)) + [truth]
     rng.shuffle(options)
-    choices = "\n".join(f"{'ABCD'[i]}. {opt}" for i, opt in enumerate(options))
-    return (f"{question}\n{choices}\nAnswer with the option's letter from the given choices directly.",
-            "ABCD"[options.index(truth)])
+    return with_options(question, options), "ABCD"[options.index(truth)]
 
 
 QA_TYPES = ["colour", "shape", "count", "position", "size", "yes_no", "multiple_choice"]
