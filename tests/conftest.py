@@ -22,11 +22,11 @@ MICRO_WORLD = ["--toy_train={'caption': 16, 'image_qa': 24, 'video_qa': 4, 'gene
                "--toy_val={'caption': 4, 'image_qa': 8, 'video_qa': 2, 'generation': 4, 'image_edit': 2, "
                "'video_prediction': 2, 'visual_thinking': 2}", "--toy_heldout_val=4", "--toy_corpus_captions=50",
                "--toy_text={'scene_qa': 20, 'video_qa': 4, 'keyed_copy': 4, 'repeat': 4, 'facts': 4, 'riddle': 4, "
-               "'option_lookup': 4, 'grid_qa': 4, 'grid_caption': 2, 'grid_draw': 4}",
+               "'grid_qa': 4, 'grid_caption': 2, 'grid_draw': 4}",
                "--toy_text_val={'scene_qa': 4, 'video_qa': 2, 'keyed_copy': 2, 'grid_qa': 2, 'grid_draw': 2}"]
 MICRO_MODELS = ["--siglip_width=32", "--siglip_layers=1", "--siglip_steps=3", "--siglip_batch=8", "--vocab_size=300",
                 "--llm_width=48", "--llm_layers=1", "--llm_heads=2", "--llm_block=32", "--llm_steps=3",
-                "--llm_batch=4", "--llm_eval_interval=2", "--llm_copy_steps=1", "--llm_lookup_start=2", "--llm_lookup_steps=1", "--vae_channels=[8, 8]", "--vae_steps=3", "--vae_batch=4"]
+                "--llm_batch=4", "--llm_eval_interval=2", "--llm_copy_steps=1", "--vae_channels=[8, 8]", "--vae_steps=3", "--vae_batch=4"]
 
 
 def run(script, *args, env=None, check=True, timeout=None):

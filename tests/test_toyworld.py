@@ -19,9 +19,8 @@ SMALL_VAL = "--toy_val={'caption': 4, 'image_qa': 14, 'video_qa': 4, 'generation
             "'video_prediction': 8, 'visual_thinking': 4}"
 
 TEXT = ("--toy_text={'scene_qa': 60, 'video_qa': 10, 'keyed_copy': 10, 'repeat': 10, 'facts': 10, 'riddle': 20, "
-        "'option_lookup': 10, 'grid_qa': 30, 'grid_caption': 10, 'grid_draw': 30}")
-TEXT_VAL = ("--toy_text_val={'scene_qa': 20, 'video_qa': 6, 'keyed_copy': 4, 'grid_qa': 4, 'grid_draw': 4, "
-            "'option_lookup': 4}")
+        "'grid_qa': 30, 'grid_caption': 10, 'grid_draw': 30}")
+TEXT_VAL = "--toy_text_val={'scene_qa': 20, 'video_qa': 6, 'keyed_copy': 4, 'grid_qa': 4, 'grid_draw': 4}"
 VPIT_TEXT = {"scene_qa": 5, "facts": 3}
 
 
@@ -190,13 +189,10 @@ def test_text_conversations_answer_from_the_words(world):
             if "in the colour of" not in turns[0]:
                 assert {w[1:-1] for w in words if w != scenes.EMPTY_SLOT} == set(re.findall(
                     r"(?:large|small) \w+ \w+(?= in the)", turns[0]))
-        if c["task"] == "option_lookup":  # the letter of the option that says the answer given
-            answer = turns[0].split("\n")[0][len("The answer is "):-1]
-            assert f"\n{turns[1]}. {answer}\n" in turns[0]
         if c["task"] == "grid_qa" and turns[1] in scenes.COLOURS:  # a colour is read off the grid
             assert turns[1] in turns[0].split("\n")[0]
     val = text_rows(world, "val")
-    assert {c["task"] for c in val} == {"scene_qa", "video_qa", "keyed_copy", "grid_qa", "grid_draw", "option_lookup"}
+    assert {c["task"] for c in val} == {"scene_qa", "video_qa", "keyed_copy", "grid_qa", "grid_draw"}
 
 
 def test_stage2_text_task_is_the_first_text_conversations_of_its_kinds(world):

@@ -49,10 +49,8 @@ llm_width = 128  # 4 x 128 reads its context sooner per CPU-second than 4 x 192 
 llm_layers = 4
 llm_heads = 4
 llm_block = 256
-llm_steps = 16000  # twice as many over the same text did not raise text-only scene_qa; this text is twice as long
+llm_steps = 10000  # twice as many over the same text did not raise text-only scene_qa; this text is twice as long
 llm_copy_steps = 400  # copying alone first: attention to the context forms in ~300 steps alone, not in 1,500 mixed
-llm_lookup_start = 4000  # then option lookups alone for llm_lookup_steps: mixed in from the start, they barely form
-llm_lookup_steps = 400  # (docs/devlog.md, (tenth) and (nineteenth))
 llm_batch = 16
 llm_lr = 1e-3
 llm_eval_interval = 1000  # steps between text-only val scores on the progress bar
@@ -208,9 +206,8 @@ def pretrain_llm():
         docs = documents(tokenizer, lines, conversations)
         rng = random.Random(f"{seed}-llm")
         everything = pack(docs, llm_block, tokenizer.bos_token_id, rng)
-        of_task = lambda task: pack([d for d, c in zip(docs[len(lines):], conversations) if c["task"] == task],
-                                    llm_block, tokenizer.bos_token_id, rng)
-        copying, lookups = of_task("repeat"), of_task("option_lookup")
+        copying = pack([d for d, c in zip(docs[len(lines):], conversations) if c["task"] == "repeat"], llm_block,
+                       tokenizer.bos_token_id, rng)
         print(f"LLM stand-in: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"vocab {len(tokenizer)}, {len(docs)} documents in {len(everything[0])} blocks of {llm_block} "
               f"({(everything[1] != IGNORE).sum().item() / 1e6:.1f}M target tokens)")
@@ -219,13 +216,11 @@ def pretrain_llm():
             if step and step % llm_eval_interval == 0:
                 tqdm.write(f"step {step}: text-only val first replies {text_accuracy(model, tokenizer, val, 32)}")
             model.train()
-            in_lookup = llm_lookup_start <= step < llm_lookup_start + llm_lookup_steps
-            ids, labels = copying if step < llm_copy_steps else lookups if in_lookup else everything
+            ids, labels = copying if step < llm_copy_steps else everything
             i = torch.randint(len(ids), (llm_batch,))
             return model(input_ids=ids[i], labels=labels[i]).loss
 
-        train(list(model.parameters()), loss_fn, llm_steps, llm_lr, "LLM stand-in",
-              bf16=wants_bf16(dtype, torch.device("cpu"), cpu="native"))
+        train(list(model.parameters()), loss_fn, llm_steps, llm_lr, "LLM stand-in")
         save_atomically(lambda p: (model.save_pretrained(p), tokenizer.save_pretrained(p)), llm_path)
     model, tokenizer = LlamaForCausalLM.from_pretrained(llm_path), AutoTokenizer.from_pretrained(llm_path)
     val_text = [c["conversations"][1]["value"] for c in read_conversations("val", "caption")]

@@ -8,7 +8,7 @@ import json
 
 from toy.scenes import (COLOUR_OF, CORNERS, HELDOUT_COMBOS, NUMBERS, SHAPE_OF, SHAPES, article, describe, grid,
                         is_val_scene, position_name, scene_keys, split_scene)
-from toy.tasks import CAPTION_PROMPTS, caption, image_question, riddle, scene_questions, task_video_qa
+from toy.tasks import CAPTION_PROMPTS, caption, riddle, scene_questions, task_video_qa
 
 SCENE_INTROS = ["Scene: {}.", "Picture this: {}.", "In a picture there is {}.", "Imagine {}."]
 KEYS = [f"{box} {n}" for box in ("box", "card", "slot") for n in NUMBERS[1:]]
@@ -82,18 +82,6 @@ def riddle_of_split(rng, split, avoid=()):
             return request, scene
 
 
-def text_option_lookup(rng, split):
-    """A multiple-choice question whose answer is given outright: the letter of the option that says it. The second hop
-    of a multiple-choice reply (find the answer, then its letter), which a 4 x 128 LLM barely learns inside scene_qa."""
-    scene = split_scene(rng, split)
-    qa = None
-    while qa is None:
-        qa = image_question(rng, scene, "multiple_choice")
-    question, letter = qa
-    answer = question.split("\n")[1 + "ABCD".index(letter)][3:]
-    return [f"The answer is {answer}.\n{question}", letter], {}
-
-
 def text_riddle(rng, split):
     """A riddle's request said plainly: the facts composed into a scene description (Sec. 4.3's reasoning, in words)."""
     request, scene = riddle_of_split(rng, split)
@@ -127,7 +115,7 @@ def text_grid_draw(rng, split):
 
 
 TEXT_TASKS = {"scene_qa": text_scene_qa, "video_qa": text_video_qa, "keyed_copy": text_keyed_copy,
-              "repeat": text_repeat, "facts": text_facts, "riddle": text_riddle, "option_lookup": text_option_lookup, "grid_qa": text_grid_qa,
+              "repeat": text_repeat, "facts": text_facts, "riddle": text_riddle, "grid_qa": text_grid_qa,
               "grid_caption": text_grid_caption, "grid_draw": text_grid_draw}
 
 

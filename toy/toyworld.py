@@ -36,10 +36,10 @@ toy_fact_repeats = 100  # copies of each fact and sum in corpus.txt, so the stan
 # Text-only conversations for the stand-in LLM's pretraining (text/train.jsonl): the prior a real LLM brings to VPiT,
 # reading an answer out of its context (Sec. 2: the method starts from a pretrained instruction-tuned LLM), and
 # scenes as grids of words, read and drawn (toy/text.py; docs/devlog.md)
-toy_text = {"scene_qa": 90000, "video_qa": 6000, "keyed_copy": 16000, "repeat": 6000, "facts": 12000, "riddle": 6000,
-            "option_lookup": 12000, "grid_qa": 30000, "grid_caption": 3000, "grid_draw": 15000}
+toy_text = {"scene_qa": 30000, "video_qa": 6000, "keyed_copy": 8000, "repeat": 15000, "facts": 6000, "riddle": 4000,
+            "grid_qa": 30000, "grid_caption": 5000, "grid_draw": 15000}
 # text/val.jsonl, scored by toy/pretrain_tiny.py
-toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100, "grid_qa": 100, "grid_draw": 100, "option_lookup": 100}
+toy_text_val = {"scene_qa": 200, "video_qa": 100, "keyed_copy": 100, "grid_qa": 100, "grid_draw": 100}
 # Stage 2's text-only task (train/ and val/text.jsonl): the first conversations of these kinds in text/<split>.jsonl,
 # questions about scenes in words and the world-knowledge facts, so stage 2 keeps the LLM's prior and the facts still
 # reach the picture (Sec. 4.2-4.3: riddles; without them stage 2 forgets the facts, docs/devlog.md, (eighth))
